@@ -1,0 +1,168 @@
+"""The session-guard voice worker.
+
+    python agent.py dev      # development (the local stack from scripts/stack)
+    python agent.py start    # production: drains on SIGTERM within SG_DRAIN_TIMEOUT
+
+Composition only; the behaviour lives in the plugins:
+- `livekit.plugins.session_guard`: one session per human identity, reconnect window, exactly-once cleanup, limits,
+  graceful shutdown, `/sessions` on the worker's health port;
+- `livekit.plugins.letta`: the Letta agent as the LLM, one Letta conversation per voice session;
+- `sgapp`: settings, provider selection, Letta admin, one AgentSession per (re)connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from letta_client import APIConnectionError as LettaConnectionError
+from letta_client import AsyncLetta
+from livekit.agents import JobContext, JobProcess, cli, llm
+from livekit.plugins import letta as letta_plugin
+from livekit.plugins import session_guard as sg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
+from sgapp.letta_admin import find_agent_by_name, make_client, validate_agent
+from sgapp.providers import build_voice, describe, load_vad
+from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
+
+logger = logging.getLogger("session-guard")
+
+load_dotenv_file()
+try:
+    SETTINGS: Settings = load_settings()
+except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+# Job processes inherit the environment of the worker: this is where they publish their sessions for /sessions.
+if not os.environ.get(sg.STATE_DIR_ENV):
+    os.environ[sg.STATE_DIR_ENV] = tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-")
+
+CONVERSATION_KEY = "letta.conversation_id"
+
+
+def prewarm(proc: JobProcess) -> None:
+    """Once per job process, before any job: models that every session shares."""
+    proc.userdata["vad"] = load_vad()
+
+
+server = sg.SessionGuardServer(
+    port=SETTINGS.worker_port,
+    host="127.0.0.1",
+    setup_fnc=prewarm,
+    drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
+    shutdown_process_timeout=15.0,
+    num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+)
+
+
+async def resolve_agent_id(ctx: JobContext, client: AsyncLetta) -> str:
+    """The Letta agent for this room: the dispatch metadata (set by the token server), else the configured default.
+
+    Raises LookupError with a message naming what is wrong.
+    """
+    agent_id: str | None = None
+    raw = (ctx.job.metadata or "").strip()
+    if raw:
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError:
+            raise LookupError(f"the dispatch metadata is not JSON: {raw[:200]!r}") from None
+        if isinstance(meta, dict) and meta.get("letta_agent_id"):
+            agent_id = str(meta["letta_agent_id"])
+    if agent_id is None:
+        agent_id = SETTINGS.letta_agent_id
+    if agent_id is None:
+        agent_id = await find_agent_by_name(client, SETTINGS.letta_agent_name)
+        if agent_id is None:
+            raise LookupError(
+                f"no Letta agent named {SETTINGS.letta_agent_name!r} (run `python -m sgapp.bootstrap`, "
+                "or set LETTA_AGENT_ID)"
+            )
+    await validate_agent(client, agent_id)
+    return agent_id
+
+
+@server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
+async def entrypoint(ctx: JobContext) -> None:
+    client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
+    ctx.add_shutdown_callback(client.close)
+    try:
+        agent_id = await resolve_agent_id(ctx, client)
+    except (LookupError, LettaConnectionError) as e:
+        logger.error("[SESSION] cannot serve room %s: %s", ctx.room.name, e, extra={"room": ctx.room.name})
+        ctx.shutdown(reason=f"bad Letta agent: {e}")
+        return
+    voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
+    guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
+
+    async def run_connection(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
+        """Lives in the connection's scope: the AgentSession of this one connection, closed when it ends."""
+        letta_llm = letta_plugin.LettaLLM(
+            client=client, agent_id=agent_id, conversation_id=gs.userdata[CONVERSATION_KEY]
+        )
+        agent_session = make_agent_session(voice, letta_llm)
+        binding = sg.bind_agent_session(gs, agent_session)
+        try:
+            await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
+            await asyncio.Event().wait()  # until the connection scope cancels us
+        finally:
+            binding.close()
+            await asyncio.shield(agent_session.aclose())
+
+    @guard.on_session_start
+    async def on_start(gs: sg.GuardSession) -> None:
+        conversation = await client.conversations.create(agent_id=agent_id)
+        gs.userdata[CONVERSATION_KEY] = conversation.id
+        logger.info(
+            "[SESSION] new Letta conversation %s for %s",
+            conversation.id,
+            gs.identity,
+            extra={"room": gs.room_name, "identity": gs.identity, "conversation_id": conversation.id},
+        )
+        gs.connection.scope.spawn(run_connection(gs, None, SETTINGS.greeting), name=f"connection-{gs.sid}")
+
+    @guard.on_session_resume
+    async def on_resume(gs: sg.GuardSession) -> None:
+        gs.connection.scope.spawn(run_connection(gs, sg.saved_chat_ctx(gs), None), name=f"connection-{gs.sid}")
+
+    @guard.on_session_end
+    async def on_end(gs: sg.GuardSession, reason: sg.EndReason) -> None:
+        conversation_id = gs.userdata.get(CONVERSATION_KEY)
+        if conversation_id:
+            # Retire the session's in-context history; the agent's memory blocks and archival memory stay.
+            await client.conversations.delete(conversation_id)
+        if not guard.sessions and not _humans_present(ctx):
+            ctx.shutdown(reason=f"last session ended ({reason.value})")
+
+    guard.register_with_job(ctx)
+    await ctx.connect()
+    guard.attach()
+    logger.info(
+        "[SESSION] room %s ready: Letta agent %s; %s",
+        ctx.room.name,
+        agent_id,
+        describe(SETTINGS),
+        extra={"room": ctx.room.name, "agent_id": agent_id},
+    )
+
+
+def _humans_present(ctx: JobContext) -> bool:
+    from livekit import rtc
+
+    return any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values())
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        logger.info(describe(SETTINGS))
+        cli.run_app(server)

@@ -1,0 +1,157 @@
+# shellcheck shell=bash
+# Installs whatever the project needs and is missing, into caches keyed by version, so that a fresh clone on the
+# same machine reuses them and a new machine rebuilds them. Sourced by scripts/dev and scripts/test.
+#
+#   SESSION_GUARD_CACHE     default ~/.cache/session-guard  (uv, Go binaries, Letta venv and sdist)
+#   SESSION_GUARD_PG_CACHE  default /var/cache/session-guard when root, else the cache above: PostgreSQL refuses
+#                           to run as root, so as root it runs as `nobody`, who must be able to reach its binaries
+#                           (root's home is usually mode 700).
+set -euo pipefail
+
+SG_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+SG_CACHE="${SESSION_GUARD_CACHE:-$HOME/.cache/session-guard}"
+if [ "$(id -u)" = 0 ]; then
+  SG_PG_CACHE="${SESSION_GUARD_PG_CACHE:-/var/cache/session-guard}"
+else
+  SG_PG_CACHE="${SESSION_GUARD_PG_CACHE:-$SG_CACHE}"
+fi
+
+# Pinned versions: change one here and its cache key changes with it.
+UV_VERSION=0.13.8
+LIVEKIT_SERVER_VERSION=v1.13.5
+LK_CLI_VERSION=v2.18.2
+LETTA_VERSION=0.16.8
+PGSERVER_VERSION=0.1.4
+APT_PACKAGES=(espeak-ng sox)
+
+export SG_ROOT SG_CACHE SG_PG_CACHE
+export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"
+export LIVEKIT_SERVER_BIN="$SG_CACHE/go/livekit-server-$LIVEKIT_SERVER_VERSION/server"
+export LK_BIN="$SG_CACHE/go/lk-$LK_CLI_VERSION/lk"
+LETTA_CONSTRAINTS="$SG_ROOT/../shared/letta/constraints-$LETTA_VERSION.txt"
+export LETTA_VENV="$SG_CACHE/letta-$LETTA_VERSION"
+export LETTA_SDIST="$SG_CACHE/letta-$LETTA_VERSION-sdist/letta-$LETTA_VERSION"
+export PG_VENV="$SG_PG_CACHE/pgserver-$PGSERVER_VERSION"
+
+_step_n=0
+step() { _step_n=$((_step_n + 1)); printf '\033[1m[setup %d] %s\033[0m\n' "$_step_n" "$*"; }
+ok() { printf '          %s\n' "$*"; }
+die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+_t0() { date +%s; }
+_dt() { echo "$(( $(date +%s) - $1 )) s"; }
+
+ensure_apt() {
+  step "Debian packages: ${APT_PACKAGES[*]}"
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -eq 0 ]; then ok "present"; return; fi
+  command -v apt-get >/dev/null || die "apt-get not found; install by hand: ${missing[*]}"
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  local t; t=$(_t0)
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  ok "installed ${missing[*]} in $(_dt "$t")"
+}
+
+ensure_uv() {
+  step "uv $UV_VERSION"
+  if [ -x "$UV" ]; then ok "cached: $UV"; return; fi
+  command -v python3 >/dev/null || die "python3 (3.11) is required"
+  local d="$SG_CACHE/tools/uv-$UV_VERSION"; rm -rf "$d"
+  python3 -m venv "$d" && "$d/bin/pip" install -q "uv==$UV_VERSION"
+  ok "installed $("$UV" --version)"
+}
+
+_go_install() {  # name module version binary-name-in-GOBIN target
+  local name=$1 mod=$2 ver=$3 built=$4 target=$5
+  step "$name $ver (go install, cached)"
+  if [ -x "$target" ]; then ok "cached: $target"; return; fi
+  command -v go >/dev/null || die "Go is required to build $name ($mod@$ver)"
+  local gobin; gobin="$(dirname "$target")"; mkdir -p "$gobin"
+  local t; t=$(_t0)
+  ok "building $mod@$ver (a few minutes the first time) ..."
+  GOBIN="$gobin" GOFLAGS=-mod=mod go install "$mod@$ver" || die "go install $mod@$ver failed"
+  [ "$gobin/$built" = "$target" ] || mv "$gobin/$built" "$target"
+  ok "built in $(_dt "$t")"
+}
+
+ensure_livekit_server() {
+  _go_install livekit-server github.com/livekit/livekit-server/cmd/server "$LIVEKIT_SERVER_VERSION" server \
+    "$LIVEKIT_SERVER_BIN"
+}
+
+ensure_lk_cli() {
+  _go_install lk github.com/livekit/livekit-cli/v2/cmd/lk "$LK_CLI_VERSION" lk "$LK_BIN"
+}
+
+ensure_app_venv() {
+  step "app venv (.venv, uv sync --frozen)"
+  local t; t=$(_t0)
+  (cd "$SG_ROOT" && "$UV" sync --frozen --quiet) || die "uv sync failed"
+  ok "ready in $(_dt "$t"): $("$SG_ROOT/.venv/bin/python" -c 'import livekit.agents as a; print("livekit-agents", a.__version__)')"
+}
+
+ensure_letta_venv() {
+  step "Letta server $LETTA_VERSION venv (pinned by shared/letta/constraints-$LETTA_VERSION.txt)"
+  [ -f "$LETTA_CONSTRAINTS" ] || die "missing $LETTA_CONSTRAINTS (the shared/ folder must sit beside the clone)"
+  local stamp="$LETTA_VENV/.complete"
+  local want; want="$(sha256sum "$LETTA_CONSTRAINTS" | cut -c1-16)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then ok "cached: $LETTA_VENV"; return; fi
+  local t; t=$(_t0)
+  rm -rf "$LETTA_VENV"
+  "$UV" venv -q --python python3.11 "$LETTA_VENV"
+  VIRTUAL_ENV="$LETTA_VENV" "$UV" pip install -q "letta[server,postgres]==$LETTA_VERSION" -c "$LETTA_CONSTRAINTS" \
+    || die "installing letta $LETTA_VERSION failed"
+  echo "$want" > "$stamp"
+  ok "installed in $(_dt "$t")"
+}
+
+ensure_letta_sdist() {
+  step "Letta $LETTA_VERSION migrations (alembic, init.sql from the sdist)"
+  if [ -f "$LETTA_SDIST/alembic.ini" ] && [ -f "$LETTA_SDIST/init.sql" ]; then ok "cached: $LETTA_SDIST"; return; fi
+  local d; d="$(dirname "$LETTA_SDIST")"; rm -rf "$d"; mkdir -p "$d"
+  python3 -m pip download -q --no-deps --no-binary :all: "letta==$LETTA_VERSION" -d "$d" \
+    || die "could not download the letta $LETTA_VERSION sdist"
+  tar -xzf "$d/letta-$LETTA_VERSION.tar.gz" -C "$d" "letta-$LETTA_VERSION/alembic.ini" "letta-$LETTA_VERSION/alembic" \
+    "letta-$LETTA_VERSION/init.sql"
+  rm -f "$d/letta-$LETTA_VERSION.tar.gz"
+  ok "unpacked alembic/ and init.sql"
+}
+
+ensure_pgserver() {
+  step "PostgreSQL 16 + pgvector (pgserver $PGSERVER_VERSION)"
+  local stamp="$PG_VENV/.complete"
+  if [ -f "$stamp" ]; then ok "cached: $PG_VENV"; return; fi
+  local t; t=$(_t0)
+  rm -rf "$PG_VENV"; mkdir -p "$(dirname "$PG_VENV")"
+  "$UV" venv -q --python python3.11 "$PG_VENV"
+  VIRTUAL_ENV="$PG_VENV" "$UV" pip install -q "pgserver==$PGSERVER_VERSION" || die "installing pgserver failed"
+  chmod -R a+rX "$(dirname "$PG_VENV")"
+  touch "$stamp"
+  ok "installed in $(_dt "$t")"
+}
+
+ensure_web_assets() {
+  step "web assets (npm ci in web/)"
+  command -v npm >/dev/null || die "npm is required for the page's livekit-client"
+  if [ -d "$SG_ROOT/web/node_modules/livekit-client/dist" ] \
+     && [ "$SG_ROOT/web/node_modules/.package-lock.json" -nt "$SG_ROOT/web/package-lock.json" ]; then
+    ok "present"; return
+  fi
+  local t; t=$(_t0)
+  (cd "$SG_ROOT/web" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci failed"
+  ok "installed in $(_dt "$t")"
+}
+
+ensure_all() {
+  local t; t=$(_t0)
+  ensure_apt
+  ensure_uv
+  ensure_livekit_server
+  ensure_app_venv
+  ensure_letta_venv
+  ensure_letta_sdist
+  ensure_pgserver
+  ensure_web_assets
+  printf '\033[1m[setup] everything present (%s)\033[0m\n' "$(_dt "$t")"
+}

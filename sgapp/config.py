@@ -1,0 +1,137 @@
+"""The app's settings: read once from the environment (and `.env`), validated, with errors that name the variable.
+
+Every variable is documented in `.env.example`. `scripts/stack env` prints the ones that point at a running stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ProviderMode = Literal["openai", "test"]
+
+_AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+def load_dotenv_file(path: Path | None = None) -> None:
+    """Load `.env` into os.environ without overriding what the shell already set."""
+    from dotenv import load_dotenv
+
+    load_dotenv(path or ROOT / ".env", override=False)
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int = 65535) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={value} must be between {minimum} and {maximum}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().rstrip("/")
+    if not value.startswith(tuple(s + "://" for s in schemes)):
+        raise ConfigError(f"{name}={value!r} must start with one of {', '.join(s + '://' for s in schemes)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    livekit_url: str
+    livekit_api_key: str
+    livekit_api_secret: str = field(repr=False)
+    agent_name: str
+    letta_base_url: str
+    letta_api_key: str | None = field(repr=False)
+    letta_agent_id: str | None
+    letta_agent_name: str
+    letta_model: str | None
+    letta_embedding: str | None
+    provider: ProviderMode
+    openai_api_key: str | None = field(repr=False)
+    openai_base_url: str | None
+    test_provider_url: str | None
+    worker_port: int
+    web_port: int
+    reconnect_window: float
+    greeting: str
+
+    @property
+    def stt_tts_base_url(self) -> str | None:
+        return self.test_provider_url if self.provider == "test" else self.openai_base_url
+
+    @property
+    def stt_tts_api_key(self) -> str:
+        return (self.openai_api_key or "") if self.provider == "openai" else "sk-local-test-provider"
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    key = env.get("LIVEKIT_API_KEY", "").strip()
+    secret = env.get("LIVEKIT_API_SECRET", "").strip()
+    if not key or not secret:
+        raise ConfigError("LIVEKIT_API_KEY and LIVEKIT_API_SECRET must be set (scripts/stack env prints them)")
+    agent_name = env.get("AGENT_NAME", "session-guard").strip()
+    if not _AGENT_NAME_RE.match(agent_name):
+        raise ConfigError(f"AGENT_NAME={agent_name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    openai_key = env.get("OPENAI_API_KEY", "").strip() or None
+    requested = env.get("SG_PROVIDER", "").strip().lower() or ("openai" if openai_key else "test")
+    if requested not in ("openai", "test"):
+        raise ConfigError(f"SG_PROVIDER={requested!r}: use 'openai' or 'test'")
+    provider: ProviderMode = "openai" if requested == "openai" else "test"
+    if provider == "openai" and not openai_key:
+        raise ConfigError("SG_PROVIDER=openai needs OPENAI_API_KEY")
+    test_url = None
+    if provider == "test":
+        test_url = _url(env, "SG_TEST_PROVIDER_URL", "http://127.0.0.1:8399/v1", ("http",))
+    agent_id = env.get("LETTA_AGENT_ID", "").strip() or None
+    if agent_id is not None and not agent_id.startswith("agent-"):
+        raise ConfigError(f"LETTA_AGENT_ID={agent_id!r} does not look like a Letta agent id (agent-...)")
+    return Settings(
+        livekit_url=_url(env, "LIVEKIT_URL", "ws://127.0.0.1:7880", ("ws", "wss", "http", "https")),
+        livekit_api_key=key,
+        livekit_api_secret=secret,
+        agent_name=agent_name,
+        letta_base_url=_url(env, "LETTA_BASE_URL", "http://127.0.0.1:8283", ("http", "https")),
+        letta_api_key=env.get("LETTA_API_KEY", "").strip() or None,
+        letta_agent_id=agent_id,
+        letta_agent_name=env.get("LETTA_AGENT_NAME", "session-guard-default").strip() or "session-guard-default",
+        letta_model=env.get("LETTA_MODEL", "").strip() or None,
+        letta_embedding=env.get("LETTA_EMBEDDING", "").strip() or None,
+        provider=provider,
+        openai_api_key=openai_key,
+        openai_base_url=(env.get("OPENAI_BASE_URL", "").strip() or None),
+        test_provider_url=test_url,
+        worker_port=_int(env, "SG_WORKER_PORT", 8081, minimum=1),
+        web_port=_int(env, "SG_WEB_PORT", 9000, minimum=1),
+        reconnect_window=_float(env, "SG_RECONNECT_WINDOW", 30.0),
+        greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
+    )

@@ -1,0 +1,100 @@
+"""Letta agents the app talks to: the default agent (created when missing) and validation of a chosen one."""
+
+from __future__ import annotations
+
+import logging
+
+from letta_client import AsyncLetta, NotFoundError
+
+logger = logging.getLogger("sgapp.letta")
+
+DEFAULT_PERSONA = (
+    "You are a friendly, concise voice assistant. Your replies are spoken aloud, so keep them to one or two short "
+    "sentences without lists or markdown. When the user tells you something about themselves worth keeping, save it "
+    "to your memory."
+)
+DEFAULT_HUMAN = "Nothing is known about the user yet."
+
+
+def make_client(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> AsyncLetta:
+    # max_retries=0: a stateful agent must never get the same message twice; callers decide what to retry.
+    return AsyncLetta(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+
+async def find_agent_by_name(client: AsyncLetta, name: str) -> str | None:
+    page = await client.agents.list(name=name, limit=5)
+    for agent in page.items:
+        if agent.name == name:
+            return agent.id
+    return None
+
+
+PREFERRED_MODEL = "gpt-4o-mini"
+PREFERRED_EMBEDDING = "text-embedding-3-small"
+# Letta names the OpenAI provider "openai" against api.openai.com and "openai-proxy" against any other base URL
+# (a local OpenAI-compatible server): the same model has a different handle in each case.
+_PROVIDER_ORDER = ("openai/", "openai-proxy/")
+
+
+def _pick(handles: list[str], wanted: str | None, preferred: str, what: str) -> str:
+    if wanted:
+        if wanted in handles:
+            return wanted
+        raise LookupError(f"Letta has no {what} {wanted!r}; it offers: {', '.join(handles) or 'none'}")
+    for prefix in _PROVIDER_ORDER:
+        if prefix + preferred in handles:
+            return prefix + preferred
+    raise LookupError(
+        f"Letta offers no {what} named {preferred!r} "
+        f"(set LETTA_{what.upper()} to one of: {', '.join(handles) or 'none'})"
+    )
+
+
+async def resolve_handles(
+    client: AsyncLetta, model: str | None = None, embedding: str | None = None
+) -> tuple[str, str]:
+    """The model and embedding handles to create agents with, checked against what the Letta server offers."""
+    models = [m.handle for m in await client.models.list() if m.handle]
+    embeddings = [e.handle for e in await client.models.embeddings.list() if e.handle]
+    return _pick(models, model, PREFERRED_MODEL, "model"), _pick(
+        embeddings, embedding, PREFERRED_EMBEDDING, "embedding"
+    )
+
+
+async def ensure_default_agent(
+    client: AsyncLetta,
+    *,
+    name: str,
+    model: str | None = None,
+    embedding: str | None = None,
+) -> tuple[str, bool]:
+    """The id of the agent called `name`, creating it (with `human` and `persona` blocks) if none exists.
+
+    Returns (agent_id, created).
+    """
+    existing = await find_agent_by_name(client, name)
+    if existing:
+        return existing, False
+    model, embedding = await resolve_handles(client, model, embedding)
+    agent = await client.agents.create(
+        name=name,
+        description="The default voice agent of session-guard.",
+        model=model,
+        embedding=embedding,
+        memory_blocks=[
+            {"label": "human", "value": DEFAULT_HUMAN, "limit": 5000},
+            {"label": "persona", "value": DEFAULT_PERSONA, "limit": 5000},
+        ],
+        tags=["session-guard"],
+    )
+    logger.info("created the default Letta agent", extra={"agent_id": agent.id, "name": name})
+    return agent.id, True
+
+
+async def validate_agent(client: AsyncLetta, agent_id: str) -> str:
+    """The agent's name; raises LookupError naming the id when the server has no such agent."""
+    try:
+        agent = await client.agents.retrieve(agent_id)
+    except NotFoundError:
+        raise LookupError(f"Letta has no agent {agent_id!r}") from None
+    return agent.name

@@ -1,0 +1,69 @@
+"""One voice connection: an `AgentSession` bound to one human, talking through the session's Letta conversation.
+
+LiveKit's AgentSession is not meant to be restarted (a restarted session never auto-closes again), so every
+(re)connection gets a new one; on resume the chat context of the previous connection is carried over, on a fresh
+session it starts empty. Letta keeps the real history in the session's conversation either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, llm, room_io
+
+from .providers import Voice
+
+logger = logging.getLogger("sgapp.voice")
+
+
+@dataclass(frozen=True)
+class ConnectionSpec:
+    identity: str
+    greeting: str | None
+    chat_ctx: llm.ChatContext | None = None
+
+
+class VoiceAgent(Agent):
+    """The agent's own instructions are empty: Letta's persona and memory blocks are the instructions."""
+
+    def __init__(self, chat_ctx: llm.ChatContext | None = None) -> None:
+        super().__init__(instructions="", chat_ctx=chat_ctx)
+
+
+def make_agent_session(voice: Voice, letta_llm: llm.LLM) -> AgentSession:
+    return AgentSession(
+        stt=voice.stt,
+        tts=voice.tts,
+        vad=voice.vad,
+        llm=letta_llm,
+        turn_handling={
+            # Explicit: the default picks a cloud turn-detector model in dev mode.
+            "turn_detection": "vad",
+            # Preemptive generation would send a user turn to Letta before the turn is final, then again when it
+            # changes: a stateful agent must see each message exactly once.
+            "preemptive_generation": {"enabled": False},
+        },
+        # The session guard owns idleness; the framework's "away" state is only informational.
+        user_away_timeout=None,
+    )
+
+
+async def start_connection(session: AgentSession, room: rtc.Room, spec: ConnectionSpec) -> None:
+    await session.start(
+        VoiceAgent(chat_ctx=spec.chat_ctx),
+        room=room,
+        room_options=room_io.RoomOptions(
+            participant_identity=spec.identity,
+            text_input=True,
+            text_output=True,
+            audio_input=True,
+            audio_output=True,
+            # The session guard decides when a session ends (hang-up vs network drop, reconnect window).
+            close_on_disconnect=False,
+        ),
+        record=False,
+    )
+    if spec.greeting:
+        session.say(spec.greeting, allow_interruptions=True, add_to_chat_ctx=True)

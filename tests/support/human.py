@@ -1,0 +1,137 @@
+"""A human test participant: a real `rtc.Room` that joins, talks on `lk.chat`, reads the agent on `lk.transcription`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from livekit import api, rtc
+
+TOPIC_CHAT = "lk.chat"
+TOPIC_TRANSCRIPTION = "lk.transcription"
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    livekit_url: str
+    api_key: str
+    api_secret: str
+    agent_name: str
+
+
+def make_token(
+    stack: StackInfo,
+    *,
+    room: str,
+    identity: str,
+    letta_agent_id: str | None = None,
+    ttl: timedelta = timedelta(minutes=10),
+    dispatch: bool = True,
+) -> str:
+    token = (
+        api.AccessToken(stack.api_key, stack.api_secret)
+        .with_identity(identity)
+        .with_name(identity)
+        .with_ttl(ttl)
+        .with_grants(
+            api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True, can_publish_data=True)
+        )
+    )
+    if dispatch:
+        metadata = json.dumps({"letta_agent_id": letta_agent_id} if letta_agent_id else {})
+        token = token.with_room_config(
+            api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=stack.agent_name, metadata=metadata)])
+        )
+    return token.to_jwt()
+
+
+@dataclass
+class Reply:
+    text: str
+    segment_id: str
+    final: bool
+
+
+@dataclass
+class Human:
+    stack: StackInfo
+    room_name: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+    identity: str = field(default_factory=lambda: f"human-{uuid.uuid4().hex[:8]}")
+    letta_agent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.room = rtc.Room()
+        self.replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def join(self, timeout: float = 15.0) -> None:
+        self.room = rtc.Room()
+        self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
+        token = make_token(self.stack, room=self.room_name, identity=self.identity, letta_agent_id=self.letta_agent_id)
+        await asyncio.wait_for(self.room.connect(self.stack.livekit_url, token), timeout)
+
+    def _on_transcription(self, reader: rtc.TextStreamReader, sender: str) -> None:
+        async def read() -> None:
+            attrs = reader.info.attributes or {}
+            text = await reader.read_all()
+            agent = self.agent()
+            # The agent publishes its own speech and, when it transcribes audio, the user's speech on this topic:
+            # only streams about a track the agent published are its replies.
+            track_id = attrs.get("lk.transcribed_track_id", "")
+            if agent is None or sender != agent.identity:
+                return
+            if track_id and track_id not in agent.track_publications:
+                return
+            await self.replies.put(
+                Reply(
+                    text=text,
+                    segment_id=attrs.get("lk.segment_id", ""),
+                    final=attrs.get("lk.transcription_final", "true") == "true",
+                )
+            )
+
+        t = asyncio.create_task(read(), name=f"read-transcription-{self.identity}")
+        self._readers.add(t)
+        t.add_done_callback(self._readers.discard)
+
+    def agent(self) -> rtc.RemoteParticipant | None:
+        for p in self.room.remote_participants.values():
+            if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+                return p
+        return None
+
+    async def wait_for_agent(self, timeout: float = 30.0) -> rtc.RemoteParticipant:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            a = self.agent()
+            if a is not None:
+                return a
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no agent joined room {self.room_name} within {timeout} s")
+
+    async def next_reply(self, timeout: float = 30.0) -> str:
+        reply = await asyncio.wait_for(self.replies.get(), timeout)
+        return reply.text
+
+    async def say(self, text: str) -> None:
+        await self.room.local_participant.send_text(text, topic=TOPIC_CHAT)
+
+    async def ask(self, text: str, timeout: float = 30.0) -> str:
+        """Send a message and return the agent's next reply (drops replies that arrived before)."""
+        while not self.replies.empty():
+            self.replies.get_nowait()
+        await self.say(text)
+        return await self.next_reply(timeout)
+
+    async def hang_up(self) -> None:
+        """Leave like a user who clicked Disconnect (reason CLIENT_INITIATED)."""
+        await self.room.disconnect()
+        for t in list(self._readers):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
