@@ -44,6 +44,7 @@ _BLOCK_RE = re.compile(r"<(?P<label>[A-Za-z0-9_.\-/]+)>\s*(?P<inner>.*?)</(?P=la
 _VALUE_RE = re.compile(r"<value>\n?(?P<value>.*?)\n?</value>", re.DOTALL)
 _LINE_NUMBER_RE = re.compile(r"^[ \t]*\d+→[ \t]?", re.MULTILINE)
 _TRAILING_PUNCT = ".!?;:, \t\n"
+_TRANSCRIPT_LINE_RE = re.compile(r"^\[(?P<role>[^\]\n]+)\]\s*(?P<text>.*)$", re.MULTILINE)
 _ECHO_MAX_WORDS = 30
 
 
@@ -267,9 +268,17 @@ def is_summary_request(conv: Conversation, tools_offered: bool) -> bool:
 
 
 def summary_answer(conv: Conversation) -> str:
-    users = [t for t in conv.turns if t.kind == "user"]
-    last = " ".join(users[-1].text.split()[:12]) if users else ""
-    return f"Summary: {len(conv.turns)} messages so far; the last user message began: {last or '(none)'}."
+    """Letta's summarizer sends the evicted messages as one transcript ("[MessageRole.user] ...", "[assistant] ...")."""
+    transcript = "\n".join(t.text for t in conv.turns if t.kind in ("user", "event"))
+    lines = _TRANSCRIPT_LINE_RE.findall(transcript)
+    if lines:
+        users = [text for role, text in lines if "user" in role.lower()]
+        total = len(lines)
+    else:
+        users = [t.text for t in conv.turns if t.kind == "user"]
+        total = len(conv.turns)
+    last = " ".join(users[-1].split()[:12]).rstrip(_TRAILING_PUNCT) if users else ""
+    return f"Summary: {total} earlier messages, {len(users)} from the user; the last one began: {last or '(none)'}."
 
 
 def tool_result_ok(text: str) -> bool:

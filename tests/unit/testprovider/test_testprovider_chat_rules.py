@@ -326,9 +326,18 @@ def test_summary_request_without_tools_gets_a_summary() -> None:
     messages = [
         {"role": "system", "content": "Your job is to summarize the conversation history."},
         {"role": "assistant", "content": "Understood."},
-        {"role": "user", "content": "user: hi\nassistant: hello"},
+        {
+            "role": "user",
+            "content": "<start_transcript>\n[MessageRole.user] hello there\n[assistant] You said: hello there.\n"
+            "[MessageRole.user] what is new?\n<end_transcript>",
+        },
     ]
     plan = plan_reply(messages, [], None)
     assert plan.rule == "summary"
-    assert plan.content is not None
-    assert plan.content.startswith("Summary:")
+    assert plan.content == "Summary: 3 earlier messages, 2 from the user; the last one began: what is new."
+
+
+def test_letta_compaction_alert_is_not_a_user_turn() -> None:
+    alert = {"type": "system_alert", "message": "Note: prior messages have been hidden. Summary: ...", "time": "t"}
+    plan = plan_reply([sys_msg(), user(json.dumps(alert)), user("next")], LETTA_V1_TOOLS, "auto")
+    assert plan.content == "You said: next. (turn 1)"
