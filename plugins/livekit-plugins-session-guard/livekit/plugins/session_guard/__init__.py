@@ -1,11 +1,76 @@
+"""Reconnect-safe per-participant sessions for LiveKit Agents.
+
+One owner for every task of a session, exactly-once cleanup, a reconnect window, limits (max duration,
+idle, consecutive errors), graceful shutdown and a cross-process ``/sessions`` endpoint.
+"""
+
 from __future__ import annotations
 
 from livekit.agents import Plugin
 
+from .binding import CHAT_CTX_KEY, AgentSessionBinding, bind_agent_session, saved_chat_ctx
+from .core import EndReason, NoticeKind, SessionState
+from .endpoint import (
+    SessionGuardServer,
+    SessionsEndpoint,
+    SessionsEndpointMixin,
+    install_sessions_endpoint,
+)
+from .guard import (
+    Connection,
+    EndHook,
+    GuardSession,
+    Notice,
+    NoticeHook,
+    RoomHook,
+    SessionGuard,
+    SessionHook,
+    end_sessions_before_disconnect,
+)
 from .log import logger
+from .options import (
+    DEFAULT_END_REASONS,
+    DEFAULT_HUMAN_KINDS,
+    FINAL_DISCONNECT_REASONS,
+    SessionGuardOptions,
+)
+from .scope import LeakKeeper, ScopeClosedError, ScopeResult, TaskScope
+from .state_dir import STATE_DIR_ENV, read_state_dir
 from .version import __version__
 
-__all__ = ["__version__"]
+__all__ = [
+    "CHAT_CTX_KEY",
+    "DEFAULT_END_REASONS",
+    "DEFAULT_HUMAN_KINDS",
+    "FINAL_DISCONNECT_REASONS",
+    "STATE_DIR_ENV",
+    "AgentSessionBinding",
+    "Connection",
+    "EndHook",
+    "EndReason",
+    "GuardSession",
+    "LeakKeeper",
+    "Notice",
+    "NoticeHook",
+    "NoticeKind",
+    "RoomHook",
+    "ScopeClosedError",
+    "ScopeResult",
+    "SessionGuard",
+    "SessionGuardOptions",
+    "SessionGuardServer",
+    "SessionHook",
+    "SessionState",
+    "SessionsEndpoint",
+    "SessionsEndpointMixin",
+    "TaskScope",
+    "__version__",
+    "bind_agent_session",
+    "end_sessions_before_disconnect",
+    "install_sessions_endpoint",
+    "read_state_dir",
+    "saved_chat_ctx",
+]
 
 
 class SessionGuardPlugin(Plugin):

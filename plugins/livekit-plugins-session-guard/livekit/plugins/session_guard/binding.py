@@ -1,0 +1,165 @@
+"""Wire a livekit ``AgentSession`` to a guard session.
+
+``bind_agent_session(session, agent_session)`` (call it in a start/resume hook, after creating the
+AgentSession of this connection):
+
+- ``user_input_transcribed``, ``user_state_changed`` → speaking, and user ``conversation_item_added``
+  (typed text) → ``note_activity`` (idle timer);
+- ``error`` (unrecoverable by default) → ``note_error(kind)`` (consecutive-error breaker);
+- an assistant ``conversation_item_added`` with text → ``note_success`` (resets the breaker);
+- ``close`` with reason ERROR (the AgentSession gave up on its own) → a fatal error: the session ends
+  with the apology;
+- notices of this connection (idle warning, goodbyes) → ``agent_session.say(text)``, awaited to playout.
+
+The binding lives in the connection scope: when the connection stops (AWAY, takeover, end), its handlers
+are removed, the chat history is saved for a resume (:func:`saved_chat_ctx`) and the AgentSession is
+closed (``aclose``), within the scope's bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from livekit.agents import AgentSession, llm
+from livekit.agents.voice.events import (
+    CloseEvent,
+    CloseReason,
+    ConversationItemAddedEvent,
+    ErrorEvent,
+    UserInputTranscribedEvent,
+    UserStateChangedEvent,
+)
+
+from .guard import GuardSession, Notice
+from .log import logger
+
+__all__ = ["CHAT_CTX_KEY", "AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
+
+CHAT_CTX_KEY = "livekit.plugins.session_guard.chat_ctx"
+"""``session.userdata`` key of the chat history saved when a connection stops."""
+
+
+def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
+    """The chat history of the previous connection of this session (for a resume), if any."""
+    ctx = session.userdata.get(CHAT_CTX_KEY)
+    return ctx if isinstance(ctx, llm.ChatContext) else None
+
+
+class AgentSessionBinding:
+    def __init__(
+        self,
+        session: GuardSession,
+        agent_session: AgentSession[Any],
+        *,
+        count_recoverable_errors: bool,
+        end_on_error_close: bool,
+        keep_history: bool,
+        close_on_stop: bool,
+    ) -> None:
+        self.session = session
+        self.agent_session = agent_session
+        self._count_recoverable = count_recoverable_errors
+        self._end_on_error_close = end_on_error_close
+        self._keep_history = keep_history
+        self._close_on_stop = close_on_stop
+        self._handlers: list[tuple[str, Callable[..., None]]] = [
+            ("user_input_transcribed", self._on_user_input_transcribed),
+            ("user_state_changed", self._on_user_state_changed),
+            ("conversation_item_added", self._on_conversation_item_added),
+            ("error", self._on_error),
+            ("close", self._on_close),
+        ]
+        for event, handler in self._handlers:
+            agent_session.on(event, handler)  # type: ignore[arg-type]
+        self._remove_notice = session.add_notice_handler(self._speak)
+        self._detached = False
+
+    # -- plain-function handlers
+
+    def _on_user_input_transcribed(self, ev: UserInputTranscribedEvent) -> None:
+        self.session.note_activity()
+
+    def _on_user_state_changed(self, ev: UserStateChangedEvent) -> None:
+        if ev.new_state == "speaking":
+            self.session.note_activity()
+
+    def _on_conversation_item_added(self, ev: ConversationItemAddedEvent) -> None:
+        item = ev.item
+        if not isinstance(item, llm.ChatMessage):
+            return
+        if item.role == "user":
+            self.session.note_activity()
+        elif item.role == "assistant" and item.text_content:
+            self.session.note_success()
+
+    def _on_error(self, ev: ErrorEvent) -> None:
+        err = ev.error
+        if getattr(err, "recoverable", False) and not self._count_recoverable:
+            return
+        kind = str(getattr(err, "type", None) or type(err).__name__)
+        self.session.note_error(kind)
+
+    def _on_close(self, ev: CloseEvent) -> None:
+        if ev.reason == CloseReason.ERROR and self._end_on_error_close:
+            kind = str(getattr(ev.error, "type", None) or "agent_session_error")
+            self.session.note_error(kind, fatal=True)
+
+    async def _speak(self, session: GuardSession, notice: Notice) -> None:
+        if not notice.text:
+            return
+        handle = self.agent_session.say(notice.text, allow_interruptions=False)
+        await handle.wait_for_playout()
+
+    # -- lifetime
+
+    def detach(self) -> None:
+        if self._detached:
+            return
+        self._detached = True
+        for event, handler in self._handlers:
+            with contextlib.suppress(Exception):
+                self.agent_session.off(event, handler)  # type: ignore[arg-type]
+        self._remove_notice()
+
+    async def hold(self) -> None:
+        """Runs in the connection scope until it is cancelled, then lets go of the AgentSession."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.detach()
+            if self._keep_history:
+                try:
+                    self.session.userdata[CHAT_CTX_KEY] = self.agent_session.history.copy()
+                except Exception as e:
+                    logger.warning("[SESSION] could not save the chat history: %r", e)
+            if self._close_on_stop:
+                await self.agent_session.aclose()
+
+
+def bind_agent_session(
+    session: GuardSession,
+    agent_session: AgentSession[Any],
+    *,
+    count_recoverable_errors: bool = False,
+    end_on_error_close: bool = True,
+    keep_history: bool = True,
+    close_on_stop: bool = True,
+) -> AgentSessionBinding:
+    """Bind ``agent_session`` to the current connection of ``session`` (see the module docstring)."""
+    binding = AgentSessionBinding(
+        session,
+        agent_session,
+        count_recoverable_errors=count_recoverable_errors,
+        end_on_error_close=end_on_error_close,
+        keep_history=keep_history,
+        close_on_stop=close_on_stop,
+    )
+    try:
+        session.connection.scope.spawn(binding.hold(), name="agent_session")
+    except Exception:
+        binding.detach()
+        raise
+    return binding

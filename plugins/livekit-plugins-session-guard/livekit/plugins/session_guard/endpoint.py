@@ -1,0 +1,153 @@
+"""``GET /sessions`` on the worker's health server (port 8081 in production).
+
+The worker (``AgentServer.run``) creates its aiohttp ``HttpServer`` and starts it in the same call; the
+router is frozen at start and ``worker_started`` fires afterwards, so a route has to be added in between.
+The framework assigns the server to ``self._http_server`` right after creating it: a subclass (or the
+mixin) turns that attribute into a property whose setter adds the route at that exact moment, and also
+exports ``SESSION_GUARD_STATE_DIR`` before any job process is spawned, so every job's guard publishes
+into the worker's state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from livekit.agents import AgentServer
+
+from .log import logger
+from .state_dir import STATE_DIR_ENV, read_state_dir
+
+if TYPE_CHECKING:
+    from livekit.agents.utils.http_server import HttpServer
+
+__all__ = ["SessionGuardServer", "SessionsEndpoint", "SessionsEndpointMixin", "install_sessions_endpoint"]
+
+_HTTP_ATTR = "_session_guard_http_server"
+
+
+class SessionsEndpoint:
+    """The worker side: owns the state directory and answers ``GET <path>``.
+
+    ``state_dir``: explicit directory; else ``$SESSION_GUARD_STATE_DIR`` if set when the worker starts;
+    else a fresh temporary directory for this worker's life (removed by :meth:`close`).
+    """
+
+    def __init__(self, *, path: str = "/sessions", state_dir: str | os.PathLike[str] | None = None) -> None:
+        self.path = path
+        self._explicit = Path(state_dir) if state_dir is not None else None
+        self._dir: Path | None = None
+        self._created = False
+
+    @property
+    def state_dir(self) -> Path | None:
+        return self._dir
+
+    def prepare(self) -> Path:
+        """Choose and create the state directory and export it to job processes (idempotent)."""
+        if self._dir is None:
+            if self._explicit is not None:
+                self._dir = self._explicit
+            elif os.environ.get(STATE_DIR_ENV):
+                self._dir = Path(os.environ[STATE_DIR_ENV])
+            else:
+                self._dir = Path(tempfile.mkdtemp(prefix="session-guard-"))
+                self._created = True
+            self._dir.mkdir(parents=True, exist_ok=True)
+        os.environ[STATE_DIR_ENV] = str(self._dir)
+        return self._dir
+
+    def add_routes(self, app: web.Application) -> None:
+        self.prepare()
+        app.router.add_get(self.path, self.handle)
+        logger.info("[SESSION] %s endpoint installed, state dir %s", self.path, self._dir)
+
+    def read(self) -> dict[str, Any]:
+        directory = self.prepare()
+        doc = read_state_dir(directory)
+        doc["state_dir"] = str(directory)
+        return doc
+
+    async def handle(self, request: web.Request) -> web.Response:
+        doc = await asyncio.to_thread(self.read)
+        return web.json_response(doc)
+
+    def close(self) -> None:
+        """Remove the state directory if this endpoint created it."""
+        if self._created and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            if os.environ.get(STATE_DIR_ENV) == str(self._dir):
+                del os.environ[STATE_DIR_ENV]
+            self._dir = None
+            self._created = False
+
+
+class SessionsEndpointMixin:
+    """Mix into an ``AgentServer`` subclass (before it) to serve ``/sessions`` on the health server."""
+
+    sessions_endpoint: SessionsEndpoint
+
+    @property
+    def _http_server(self) -> HttpServer | None:
+        value: HttpServer | None = self.__dict__.get(_HTTP_ATTR)
+        return value
+
+    @_http_server.setter
+    def _http_server(self, value: HttpServer | None) -> None:
+        self.__dict__[_HTTP_ATTR] = value
+        if value is not None:
+            endpoint = self.__dict__.get("sessions_endpoint")
+            if endpoint is None:
+                endpoint = self.sessions_endpoint = SessionsEndpoint()
+            endpoint.add_routes(value.app)
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()  # type: ignore[misc]
+        finally:
+            endpoint = self.__dict__.get("sessions_endpoint")
+            if isinstance(endpoint, SessionsEndpoint):
+                endpoint.close()
+
+
+class SessionGuardServer(SessionsEndpointMixin, AgentServer):
+    """An ``AgentServer`` whose health server also answers ``GET /sessions``.
+
+    Same arguments as ``AgentServer``, plus ``sessions_path`` and ``sessions_state_dir``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sessions_path: str = "/sessions",
+        sessions_state_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.sessions_endpoint = SessionsEndpoint(path=sessions_path, state_dir=sessions_state_dir)
+        super().__init__(*args, **kwargs)
+
+
+def install_sessions_endpoint(
+    server: AgentServer, *, path: str = "/sessions", state_dir: str | os.PathLike[str] | None = None
+) -> SessionsEndpoint:
+    """Give an existing ``AgentServer`` instance the ``/sessions`` route; call before ``server.run()``
+    (``cli.run_app``). Prefer constructing a :class:`SessionGuardServer`; this switches the instance's
+    class to a ``SessionsEndpointMixin`` subclass of its own class, which has the same effect."""
+    if isinstance(server, SessionsEndpointMixin):
+        return server.sessions_endpoint
+    existing: HttpServer | None = server.__dict__.pop("_http_server", None)
+    cls = type(server)
+    server.__class__ = type(f"{cls.__name__}WithSessions", (SessionsEndpointMixin, cls), {})
+    endpoint = SessionsEndpoint(path=path, state_dir=state_dir)
+    server.sessions_endpoint = endpoint  # type: ignore[attr-defined]
+    if existing is not None:
+        try:
+            server._http_server = existing  # the setter adds the route (fails if already started)
+        except RuntimeError as e:
+            raise RuntimeError("install_sessions_endpoint() must be called before server.run()") from e
+    return endpoint
