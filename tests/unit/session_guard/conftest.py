@@ -37,8 +37,17 @@ class _Collector(logging.Handler):
             self.messages.append(str(record.msg))
 
 
+class OutputCheck:
+    def __init__(self) -> None:
+        self.expected: list[str] = []
+
+    def expect(self, needle: str) -> None:
+        """This test provokes ``needle`` on purpose: it must appear, and is not a failure."""
+        self.expected.append(needle)
+
+
 @pytest.fixture(autouse=True)
-def no_destroyed_pending_tasks() -> Iterator[None]:
+def no_destroyed_pending_tasks() -> Iterator[OutputCheck]:
     """Fail the test if asyncio (or a room emitter) complained about a lost task or a failed handler.
 
     Autouse and function-scoped: set up before the test's event loop, torn down after it closed, so the
@@ -48,12 +57,16 @@ def no_destroyed_pending_tasks() -> Iterator[None]:
     watched = [logging.getLogger(), logging.getLogger("asyncio"), logging.getLogger("livekit")]
     for lg in watched:
         lg.addHandler(collector)
+    check = OutputCheck()
     try:
-        yield
+        yield check
         gc.collect()
     finally:
         for lg in watched:
             lg.removeHandler(collector)
     text = "\n".join(collector.messages)
+    for needle in check.expected:
+        assert needle in text, f"expected output {needle!r} did not appear"
+        text = text.replace(needle, "")
     for needle in FORBIDDEN:
         assert needle not in text, f"forbidden output {needle!r} appeared:\n{text[-4000:]}"

@@ -521,10 +521,10 @@ class _Runner:
             errors += 1
         # 4. end hooks, after the tasks that might still use what they retire are gone
         if s._start_hooks_invoked:
-            for hook in reversed(list(g._end_hooks)):
-                ok = await self._call(
-                    f"end hook {_hook_name(hook)}", hook(s, eff.reason), g._budget(g._opts.hook_timeout, 2), None
-                )
+            hooks = list(reversed(g._end_hooks))
+            for i, hook in enumerate(hooks):
+                budget = g._budget(g._opts.hook_timeout, len(hooks) - i)
+                ok = await self._call(f"end hook {_hook_name(hook)}", hook(s, eff.reason), budget, None)
                 errors += 0 if ok else 1
         self.cleanup_errors += errors
         self._finish(eff, forced=False, started=t0)
