@@ -116,6 +116,12 @@ def run(
         model_endpoint=getattr(agent.llm_config, "model_endpoint", None)
         or getattr(agent.llm_config, "api_model_endpoint", None),
     )
+    endpoint = str(result.facts["model_endpoint"] or "").rstrip("/")
+    result.expect(
+        endpoint == provider_url.rstrip("/"),
+        f"Letta's agents call {endpoint}, not {provider_url}: Letta keeps the base URL of the first start on this "
+        "database (providers table); see testprovider/README.md",
+    )
     conversation_id: str | None = None
     try:
         # 1. remember: a memory tool call, then the acknowledgement as plain assistant text
@@ -190,6 +196,8 @@ def run(
         if samples:
             result.timings_ms["round_trip_median"] = _ms(statistics.median(samples))
             result.timings_ms["round_trip_max"] = _ms(max(samples))
+    except Exception as exc:  # report like any other failed expectation, after cleaning up
+        result.expect(False, f"{type(exc).__name__}: {exc}")
     finally:
         if not keep:
             if conversation_id is not None:
