@@ -12,7 +12,6 @@ Composition only; the behaviour lives in the plugins:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -62,6 +61,7 @@ server = sg.SessionGuardServer(
     drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+    **({"load_threshold": SETTINGS.load_threshold} if SETTINGS.load_threshold is not None else {}),
 )
 
 
@@ -105,19 +105,14 @@ async def entrypoint(ctx: JobContext) -> None:
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
 
-    async def run_connection(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
-        """Lives in the connection's scope: the AgentSession of this one connection, closed when it ends."""
+    async def start_connection_for(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
+        """A new AgentSession for this connection; the binding closes it when the connection stops."""
         letta_llm = letta_plugin.LettaLLM(
             client=client, agent_id=agent_id, conversation_id=gs.userdata[CONVERSATION_KEY]
         )
         agent_session = make_agent_session(voice, letta_llm)
-        binding = sg.bind_agent_session(gs, agent_session)
-        try:
-            await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
-            await asyncio.Event().wait()  # until the connection scope cancels us
-        finally:
-            binding.close()
-            await asyncio.shield(agent_session.aclose())
+        sg.bind_agent_session(gs, agent_session)
+        await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
 
     @guard.on_session_start
     async def on_start(gs: sg.GuardSession) -> None:
@@ -129,11 +124,11 @@ async def entrypoint(ctx: JobContext) -> None:
             gs.identity,
             extra={"room": gs.room_name, "identity": gs.identity, "conversation_id": conversation.id},
         )
-        gs.connection.scope.spawn(run_connection(gs, None, SETTINGS.greeting), name=f"connection-{gs.sid}")
+        await start_connection_for(gs, None, SETTINGS.greeting)
 
     @guard.on_session_resume
     async def on_resume(gs: sg.GuardSession) -> None:
-        gs.connection.scope.spawn(run_connection(gs, sg.saved_chat_ctx(gs), None), name=f"connection-{gs.sid}")
+        await start_connection_for(gs, sg.saved_chat_ctx(gs), None)
 
     @guard.on_session_end
     async def on_end(gs: sg.GuardSession, reason: sg.EndReason) -> None:
@@ -141,8 +136,12 @@ async def entrypoint(ctx: JobContext) -> None:
         if conversation_id:
             # Retire the session's in-context history; the agent's memory blocks and archival memory stay.
             await client.conversations.delete(conversation_id)
-        if not guard.sessions and not _humans_present(ctx):
-            ctx.shutdown(reason=f"last session ended ({reason.value})")
+
+    @guard.on_last_human_gone
+    async def on_last_human_gone() -> None:
+        # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. The token
+        # server makes a fresh room per connection, so nobody will come back to this one.
+        ctx.shutdown(reason="last human gone")
 
     guard.register_with_job(ctx)
     await ctx.connect()
@@ -154,12 +153,6 @@ async def entrypoint(ctx: JobContext) -> None:
         describe(SETTINGS),
         extra={"room": ctx.room.name, "agent_id": agent_id},
     )
-
-
-def _humans_present(ctx: JobContext) -> bool:
-    from livekit import rtc
-
-    return any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values())
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ class Settings:
     web_port: int
     reconnect_window: float
     greeting: str
+    load_threshold: float | None = None
+    """Worker load (0-1 CPU) above which it takes no new jobs; None: the framework's default (0.7 in `start`)."""
 
     @property
     def stt_tts_base_url(self) -> str | None:
@@ -134,4 +136,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         web_port=_int(env, "SG_WEB_PORT", 9000, minimum=1),
         reconnect_window=_float(env, "SG_RECONNECT_WINDOW", 30.0),
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
+        load_threshold=_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
     )

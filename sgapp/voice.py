@@ -47,6 +47,10 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM) -> AgentSession:
         },
         # The session guard owns idleness; the framework's "away" state is only informational.
         user_away_timeout=None,
+        # On close the framework waits this long for a last STT transcript. The connection closes because the
+        # user left or the session ended: there is no more speech coming, and the default (2 s) was measured as
+        # the whole of a hang-up's cleanup time.
+        session_close_transcript_timeout=0.3,
     )
 
 

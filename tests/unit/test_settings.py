@@ -1,0 +1,43 @@
+"""Settings: bad env gets an error that names the variable; good env gets the documented defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgapp.config import ConfigError, load_settings
+
+BASE = {"LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s" * 32}
+
+
+def test_defaults_pick_the_test_provider_without_a_key() -> None:
+    s = load_settings(BASE)
+    assert s.provider == "test"
+    assert s.agent_name == "session-guard"
+    assert s.reconnect_window == 30.0
+    assert s.stt_tts_base_url == "http://127.0.0.1:8399/v1"
+
+
+def test_a_key_selects_openai() -> None:
+    s = load_settings({**BASE, "OPENAI_API_KEY": "sk-x"})
+    assert s.provider == "openai"
+    assert s.stt_tts_api_key == "sk-x"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"LIVEKIT_API_KEY": ""}, "LIVEKIT_API_KEY"),
+        ({"AGENT_NAME": "bad name!"}, "AGENT_NAME"),
+        ({"SG_PROVIDER": "azure"}, "SG_PROVIDER"),
+        ({"SG_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+        ({"LETTA_BASE_URL": "letta:8283"}, "LETTA_BASE_URL"),
+        ({"LIVEKIT_URL": "127.0.0.1:7880"}, "LIVEKIT_URL"),
+        ({"SG_WORKER_PORT": "eighty"}, "SG_WORKER_PORT"),
+        ({"SG_WORKER_PORT": "70000"}, "SG_WORKER_PORT"),
+        ({"SG_RECONNECT_WINDOW": "-1"}, "SG_RECONNECT_WINDOW"),
+        ({"LETTA_AGENT_ID": "1234"}, "LETTA_AGENT_ID"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_settings({**BASE, **env})
