@@ -47,6 +47,10 @@ if not os.environ.get(sg.STATE_DIR_ENV):
     os.environ[sg.STATE_DIR_ENV] = tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-")
 
 CONVERSATION_KEY = "letta.conversation_id"
+AGENT_KEY = "letta.agent_id"
+AGENT_ATTRIBUTE = "letta.agent_id"
+"""A participant attribute that picks the Letta agent for that participant's session (the dispatch metadata picks
+the room's default)."""
 
 
 def prewarm(proc: JobProcess) -> None:
@@ -61,8 +65,9 @@ server = sg.SessionGuardServer(
     drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
-    **({"load_threshold": SETTINGS.load_threshold} if SETTINGS.load_threshold is not None else {}),
 )
+if SETTINGS.load_threshold is not None:
+    server.update_options(load_threshold=SETTINGS.load_threshold)
 
 
 async def resolve_agent_id(ctx: JobContext, client: AsyncLetta) -> str:
@@ -105,10 +110,31 @@ async def entrypoint(ctx: JobContext) -> None:
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
 
+    validated = {agent_id}
+
+    async def session_agent(gs: sg.GuardSession) -> str:
+        """The participant's `letta.agent_id` attribute if it names a valid agent, else the room's agent."""
+        wanted = (gs.participant.attributes.get(AGENT_ATTRIBUTE, "") if gs.participant else "").strip()
+        if not wanted or wanted in validated:
+            return wanted or agent_id
+        try:
+            await validate_agent(client, wanted)
+        except LookupError as e:
+            logger.warning(
+                "[SESSION] participant attribute %s: %s; using %s",
+                AGENT_ATTRIBUTE,
+                e,
+                agent_id,
+                extra={"room": gs.room_name, "identity": gs.identity},
+            )
+            return agent_id
+        validated.add(wanted)
+        return wanted
+
     async def start_connection_for(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
         """A new AgentSession for this connection; the binding closes it when the connection stops."""
         letta_llm = letta_plugin.LettaLLM(
-            client=client, agent_id=agent_id, conversation_id=gs.userdata[CONVERSATION_KEY]
+            client=client, agent_id=gs.userdata[AGENT_KEY], conversation_id=gs.userdata[CONVERSATION_KEY]
         )
         agent_session = make_agent_session(voice, letta_llm)
         sg.bind_agent_session(gs, agent_session)
@@ -116,7 +142,8 @@ async def entrypoint(ctx: JobContext) -> None:
 
     @guard.on_session_start
     async def on_start(gs: sg.GuardSession) -> None:
-        conversation = await client.conversations.create(agent_id=agent_id)
+        gs.userdata[AGENT_KEY] = await session_agent(gs)
+        conversation = await client.conversations.create(agent_id=gs.userdata[AGENT_KEY])
         gs.userdata[CONVERSATION_KEY] = conversation.id
         logger.info(
             "[SESSION] new Letta conversation %s for %s",

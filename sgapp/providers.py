@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from livekit.agents import stt, tts, vad
+from livekit.agents.types import NOT_GIVEN
 from livekit.plugins import openai, silero
 
 from .config import Settings
@@ -24,8 +26,8 @@ logger = logging.getLogger("sgapp.providers")
 
 @dataclass(frozen=True)
 class Voice:
-    stt: stt.STT
-    tts: tts.TTS
+    stt: stt.STT[Any]
+    tts: tts.TTS[Any]
     vad: vad.VAD
 
 
@@ -52,11 +54,9 @@ def build_voice(settings: Settings, vad_model: vad.VAD) -> Voice:
             model="gpt-4o-mini-transcribe",
             api_key=api_key,
             use_realtime=False,
-            **({"base_url": base_url} if base_url else {}),
+            base_url=base_url or NOT_GIVEN,
         )
-        t = openai.TTS(
-            model="gpt-4o-mini-tts", voice="ash", api_key=api_key, **({"base_url": base_url} if base_url else {})
-        )
+        t = openai.TTS(model="gpt-4o-mini-tts", voice="ash", api_key=api_key, base_url=base_url or NOT_GIVEN)
     else:
         assert base_url is not None
         s = openai.STT(model="whisper-1", base_url=base_url, api_key=api_key, use_realtime=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm, room_io
@@ -32,7 +33,7 @@ class VoiceAgent(Agent):
         super().__init__(instructions="", chat_ctx=chat_ctx)
 
 
-def make_agent_session(voice: Voice, letta_llm: llm.LLM) -> AgentSession:
+def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[Any]:
     return AgentSession(
         stt=voice.stt,
         tts=voice.tts,
@@ -54,7 +55,7 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM) -> AgentSession:
     )
 
 
-async def start_connection(session: AgentSession, room: rtc.Room, spec: ConnectionSpec) -> None:
+async def start_connection(session: AgentSession[Any], room: rtc.Room, spec: ConnectionSpec) -> None:
     await session.start(
         VoiceAgent(chat_ctx=spec.chat_ctx),
         room=room,

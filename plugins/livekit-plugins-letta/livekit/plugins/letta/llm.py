@@ -41,7 +41,7 @@ class LettaTurnOptions:
     """Letta agent-loop steps per user message (None: the server's default)."""
 
 
-class LettaLLM(llm.LLM):
+class LettaLLM(llm.LLM[Any]):
     """Replies from one Letta conversation.
 
     Create one per voice session (per conversation). `conversation_id="default"` talks to the agent's default
