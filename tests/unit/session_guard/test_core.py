@@ -28,8 +28,8 @@ from livekit.plugins.session_guard.core import (
     NoticeKind,
     Notify,
     Present,
-    Resync,
     ResumeSession,
+    Resync,
     SessionAway,
     SessionState,
     Shutdown,
@@ -419,9 +419,7 @@ def check_state(model: Model) -> None:
     for ident in st_.pending:
         assert ident in st_.sessions and st_.sessions[ident].state is SessionState.ENDING
     # the shell's timer table matches the core's armed timers exactly
-    armed = {
-        (r.identity, r.generation, kind): token for r in st_.sessions.values() for kind, token in r.timers.items()
-    }
+    armed = {(r.identity, r.generation, kind): token for r in st_.sessions.values() for kind, token in r.timers.items()}
     assert armed == {k: v[0] for k, v in m.timers.items()}
     # totals consistent with what happened
     assert t.started == len(model.started_gens)
@@ -476,9 +474,9 @@ def run_action(model: Model, action: tuple[Any, ...]) -> None:
             sid, kind = f"{ident}9", H
         if present is not None and present[0] == sid:
             del model.room[ident]
-        ev = Left(ident, sid, kind, reason, m.now)
-        model.last_left = ev
-        model.send(ev)
+        left = Left(ident, sid, kind, reason, m.now)
+        model.last_left = left
+        model.send(left)
     elif name == "leave_again":
         if model.last_left is not None:
             model.send(model.last_left)
@@ -497,8 +495,8 @@ def run_action(model: Model, action: tuple[Any, ...]) -> None:
             model.send(TimerFired(ident, gen, kind, token, m.now))
     elif name == "finish":
         if m.cleanups:
-            keys = sorted(m.cleanups)
-            ident, gen = keys[action[1] % len(keys)]
+            cleanup_keys = sorted(m.cleanups)
+            ident, gen = cleanup_keys[action[1] % len(cleanup_keys)]
             del m.cleanups[(ident, gen)]
             model.send(CleanupFinished(ident, gen, 0, 0, m.now))
             if action[2]:  # a duplicate report must change nothing
@@ -522,8 +520,8 @@ def run_action(model: Model, action: tuple[Any, ...]) -> None:
         model.send(EndRequested(action[1], gen, EndReason.REQUESTED, m.now))
         assert m.state.sessions == before.sessions
     elif name == "resync":
-        present = tuple(Present(i, sid, kind, tr) for i, (sid, kind, tr) in sorted(model.room.items()))
-        model.send(Resync(present, m.now))
+        in_room = tuple(Present(i, sid, kind, tr) for i, (sid, kind, tr) in sorted(model.room.items()))
+        model.send(Resync(in_room, m.now))
     elif name == "wait":
         m.now += action[1]
     elif name == "shutdown":

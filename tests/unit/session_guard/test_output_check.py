@@ -20,14 +20,13 @@ def _no_destroyed_pending_tasks() -> Iterator[None]:
 
 def test_destroyed_pending_task_is_detected(no_destroyed_pending_tasks: OutputCheck) -> None:
     loop = asyncio.new_event_loop()
-    fut = loop.create_future()
 
     async def waiter() -> None:
-        await fut
+        await loop.create_future()  # a future nobody will ever resolve
 
-    task = loop.create_task(waiter())
-    loop.run_until_complete(asyncio.sleep(0))  # the task now waits on a future nobody will resolve
+    tasks = [loop.create_task(waiter())]
+    loop.run_until_complete(asyncio.sleep(0))
     loop.close()
-    del task, fut
+    tasks.clear()
     gc.collect()
     no_destroyed_pending_tasks.expect("Task was destroyed but it is pending")

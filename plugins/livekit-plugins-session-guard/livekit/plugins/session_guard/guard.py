@@ -382,11 +382,15 @@ class _Runner:
         if isinstance(job, _StartJob):
             s._start_hooks_invoked = True
             for hook in list(g._start_hooks):
-                await self._call(f"start hook {_hook_name(hook)}", hook(s), g._opts.hook_timeout, job.connection)
+                await self._call(
+                    f"start hook {_hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, job.connection
+                )
             self._log(logging.INFO, "SESSION", "session start hooks done")
         elif isinstance(job, _ResumeJob):
             for hook in list(g._resume_hooks):
-                await self._call(f"resume hook {_hook_name(hook)}", hook(s), g._opts.hook_timeout, job.connection)
+                await self._call(
+                    f"resume hook {_hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, job.connection
+                )
             self._log(
                 logging.INFO,
                 "SESSION",
@@ -398,7 +402,9 @@ class _Runner:
             await self._close_connection(job.connection)
         elif isinstance(job, _AwayJob):
             for hook in reversed(list(g._away_hooks)):
-                await self._call(f"away hook {_hook_name(hook)}", hook(s), g._opts.hook_timeout, None)
+                await self._call(
+                    f"away hook {_hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, None
+                )
         elif isinstance(job, _NoticeJob):
             await self._deliver_notice(job.notice, job.connection, preemptible=True)
 
@@ -428,7 +434,7 @@ class _Runner:
             ok = (
                 await self._call(
                     f"notice {notice.kind.value} via {_hook_name(handler)}",
-                    handler(self.session, notice),
+                    functools.partial(handler, self.session, notice),
                     g._budget(g._opts.notice_timeout, 1),
                     conn if preemptible else None,
                 )
@@ -436,13 +442,15 @@ class _Runner:
             )
         return ok
 
-    async def _call(self, what: str, aw: Awaitable[Any], timeout: float, preempt_with: Connection | None) -> bool:
-        """Run ``coro`` as a child task with a bound and error isolation. True on success.
+    async def _call(
+        self, what: str, fn: Callable[[], Awaitable[Any]], timeout: float, preempt_with: Connection | None
+    ) -> bool:
+        """Call ``fn`` in a child task with a bound and error isolation. True on success.
 
         ``preempt_with``: the connection whose stop (or the session's end) cancels this call; None means
         the call is not preemptible (it is part of a cleanup).
         """
-        task = asyncio.get_running_loop().create_task(_as_coro(aw), name=f"{self.task.get_name()}:{what}")
+        task = asyncio.get_running_loop().create_task(_invoke(fn), name=f"{self.task.get_name()}:{what}")
         self._inflight = (task, preempt_with) if preempt_with is not None else None
         if preempt_with is not None and self.cleanup_job is not None:
             self._preempt(task, "the session is ending")
@@ -524,7 +532,9 @@ class _Runner:
             hooks = list(reversed(g._end_hooks))
             for i, hook in enumerate(hooks):
                 budget = g._budget(g._opts.hook_timeout, len(hooks) - i)
-                ok = await self._call(f"end hook {_hook_name(hook)}", hook(s, eff.reason), budget, None)
+                ok = await self._call(
+                    f"end hook {_hook_name(hook)}", functools.partial(hook, s, eff.reason), budget, None
+                )
                 errors += 0 if ok else 1
         self.cleanup_errors += errors
         self._finish(eff, forced=False, started=t0)
@@ -609,8 +619,10 @@ class _Runner:
         g._dispatch(CleanupFinished(s.identity, s.generation, self.cleanup_errors, self.leaked, g._now()))
 
 
-async def _as_coro(aw: Awaitable[Any]) -> Any:
-    return await aw
+async def _invoke(fn: Callable[[], Awaitable[Any]]) -> Any:
+    # the hook is called inside the task: a task cancelled before it ever ran leaves no coroutine
+    # behind that was "never awaited"
+    return await fn()
 
 
 def _hook_name(hook: Callable[..., Any]) -> str:
@@ -1207,7 +1219,7 @@ class SessionGuard:
         leaked = 0
         for hook in list(self._last_human_hooks):
             name = _hook_name(hook)
-            task = asyncio.get_running_loop().create_task(_as_coro(hook()), name=f"last_human_gone:{name}")
+            task = asyncio.get_running_loop().create_task(_invoke(hook), name=f"last_human_gone:{name}")
             timeout = self._budget(self._opts.hook_timeout, 1)
             try:
                 done, _ = await asyncio.wait({task}, timeout=timeout)
