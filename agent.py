@@ -22,12 +22,14 @@ from pathlib import Path
 
 from letta_client import APIConnectionError as LettaConnectionError
 from letta_client import AsyncLetta
+from letta_client import NotFoundError as LettaNotFoundError
 from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sgapp.chat_router import ChatRouter
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, validate_agent
 from sgapp.providers import build_voice, describe, load_vad
@@ -109,6 +111,7 @@ async def entrypoint(ctx: JobContext) -> None:
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
+    chat = ChatRouter(ctx.room)
 
     validated = {agent_id}
 
@@ -139,6 +142,7 @@ async def entrypoint(ctx: JobContext) -> None:
         agent_session = make_agent_session(voice, letta_llm)
         sg.bind_agent_session(gs, agent_session)
         await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
+        chat.set_target(gs.identity, agent_session)
 
     @guard.on_session_start
     async def on_start(gs: sg.GuardSession) -> None:
@@ -159,19 +163,40 @@ async def entrypoint(ctx: JobContext) -> None:
 
     @guard.on_session_end
     async def on_end(gs: sg.GuardSession, reason: sg.EndReason) -> None:
+        chat.forget(gs.identity)
         conversation_id = gs.userdata.get(CONVERSATION_KEY)
         if conversation_id:
             # Retire the session's in-context history; the agent's memory blocks and archival memory stay.
-            await client.conversations.delete(conversation_id)
+            try:
+                await client.conversations.delete(conversation_id)
+            except LettaNotFoundError:
+                logger.info(
+                    "[CLEANUP] conversation %s was already gone",
+                    conversation_id,
+                    extra={"room": gs.room_name, "identity": gs.identity},
+                )
 
     @guard.on_last_human_gone
     async def on_last_human_gone() -> None:
-        # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. The token
-        # server makes a fresh room per connection, so nobody will come back to this one.
+        # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. Deleting it
+        # (not just leaving) means a client that rejoins the same room name gets a new room and a newly dispatched
+        # agent, never a room where no agent will answer. The token server makes a fresh room per connection anyway.
+        logger.info(
+            "[SHUTDOWN] last human gone: deleting room %s and ending the job",
+            ctx.room.name,
+            extra={"room": ctx.room.name},
+        )
+        await ctx.delete_room()
         ctx.shutdown(reason="last human gone")
 
     guard.register_with_job(ctx)
+
+    async def close_chat(_: str) -> None:
+        await chat.aclose()
+
+    ctx.add_shutdown_callback(close_chat)
     await ctx.connect()
+    chat.attach()
     guard.attach()
     logger.info(
         "[SESSION] room %s ready: Letta agent %s; %s",

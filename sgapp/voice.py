@@ -61,7 +61,8 @@ async def start_connection(session: AgentSession[Any], room: rtc.Room, spec: Con
         room=room,
         room_options=room_io.RoomOptions(
             participant_identity=spec.identity,
-            text_input=True,
+            # Typed text arrives through the job's ChatRouter (one owner of `lk.chat` per room), not RoomIO.
+            text_input=False,
             text_output=True,
             audio_input=True,
             audio_output=True,

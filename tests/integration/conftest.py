@@ -182,6 +182,8 @@ def start_worker(
         # The tests check behaviour, not capacity, on a machine shared with the whole stack (and, in development,
         # other test runs): a busy CPU must not make the worker refuse jobs. The load test keeps the default.
         "SG_LOAD_THRESHOLD": "inf",
+        # Short enough that "the window expired" tests do not wait 30 s; long enough to rejoin inside it.
+        "SG_RECONNECT_WINDOW": "10",
         **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)

@@ -121,12 +121,17 @@ class Human:
     async def say(self, text: str) -> None:
         await self.room.local_participant.send_text(text, topic=TOPIC_CHAT)
 
-    async def ask(self, text: str, timeout: float = 30.0) -> str:
-        """Send a message and return the agent's next reply (drops replies that arrived before)."""
+    async def ask(self, text: str, timeout: float = 30.0, expect: str | None = None) -> str:
+        """Send a message and return the agent's next reply (drops replies that arrived before); with `expect`,
+        the next reply containing it (replies to other people in the room are broadcast too)."""
         while not self.replies.empty():
             self.replies.get_nowait()
         await self.say(text)
-        return await self.next_reply(timeout)
+        async with asyncio.timeout(timeout):
+            while True:
+                reply = await self.next_reply(timeout)
+                if expect is None or expect in reply:
+                    return reply
 
     async def hang_up(self) -> None:
         """Leave like a user who clicked Disconnect (reason CLIENT_INITIATED)."""
@@ -135,3 +140,87 @@ class Human:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+class RemoteHuman:
+    """A human in its own process (tests.support.participant_proc): `kill()` is a network drop, `leave()` a hang-up."""
+
+    def __init__(self, stack: StackInfo, *, room: str, identity: str, letta_agent_id: str | None = None) -> None:
+        self.stack = stack
+        self.room_name = room
+        self.identity = identity
+        self.letta_agent_id = letta_agent_id
+        self.sid = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._events: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def join(self, timeout: float = 20.0) -> None:
+        import sys
+
+        token = make_token(self.stack, room=self.room_name, identity=self.identity, letta_agent_id=self.letta_agent_id)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.support.participant_proc",
+            self.stack.livekit_url,
+            token,
+            "--max-seconds",
+            "300",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read(), name=f"remote-human-{self.identity}")
+        joined = await self.wait_event("joined", timeout)
+        self.sid = str(joined["sid"])
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while line := await self._proc.stdout.readline():
+            with contextlib.suppress(json.JSONDecodeError):
+                await self._events.put(json.loads(line))
+
+    async def wait_event(self, kind: str, timeout: float = 30.0) -> dict[str, object]:
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self._events.get()
+                if ev.get("event") == kind:
+                    return ev
+
+    async def _send(self, **cmd: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self._proc.stdin.drain()
+
+    async def ask(self, text: str, timeout: float = 30.0) -> str:
+        while not self._events.empty():
+            self._events.get_nowait()
+        await self._send(cmd="say", text=text)
+        return str((await self.wait_event("reply", timeout))["text"])
+
+    async def leave(self) -> None:
+        """Hang up (CLIENT_INITIATED) and wait for the process to end."""
+        await self._send(cmd="leave")
+        await self._finish(10.0)
+
+    async def kill(self) -> None:
+        """A network drop: the process dies without telling the server."""
+        assert self._proc is not None
+        self._proc.kill()
+        await self._finish(5.0)
+
+    async def _finish(self, timeout: float) -> None:
+        assert self._proc is not None
+        try:
+            await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def aclose(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            await self.kill()
