@@ -1,0 +1,70 @@
+"""Worker SIGTERM with live sessions: the drain is bounded, then every session ends in parallel (hooks ran, Letta
+conversations retired) and the worker exits within drain + shutdown bound."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+
+import httpx
+from letta_client import Letta
+
+from tests.integration.conftest import DESTROYED, Stack, start_worker
+from tests.support.human import Human
+
+DRAIN = 2.0
+SHUTDOWN_BOUND = 10.0  # SessionGuardOptions.shutdown_timeout default
+SESSIONS = 3
+
+
+def conversations(letta: Letta, agent_id: str) -> list[str]:
+    return [c.id for c in letta.conversations.list(agent_id=agent_id)]
+
+
+async def test_sigterm_ends_every_live_session_within_the_bound(
+    stack: Stack, letta_sync: Letta, letta_agent: str
+) -> None:
+    name = "sg-shutdown-test"
+    port = int(stack.env["SG_WORKER_PORT"]) + 1
+    worker = await asyncio.to_thread(
+        start_worker,
+        stack,
+        name="shutdown",
+        port=port,
+        extra_env={"AGENT_NAME": name, "SG_DRAIN_TIMEOUT": str(int(DRAIN)), "SG_IDLE_PROCESSES": "2"},
+    )
+    info = dataclasses.replace(stack.info, agent_name=name)
+    humans = [Human(info, letta_agent_id=letta_agent) for _ in range(SESSIONS)]
+    try:
+        for h in humans:
+            await h.join()
+        for h in humans:
+            await h.wait_for_agent(timeout=60)
+            await h.ask(f"hello from {h.identity}", timeout=60, expect=h.identity)
+
+        live = (await asyncio.to_thread(httpx.get, worker.url + "/sessions", timeout=5)).json()
+        assert live["active"] == SESSIONS, live
+        assert len(await asyncio.to_thread(conversations, letta_sync, letta_agent)) == SESSIONS
+
+        took = await asyncio.to_thread(worker.stop, DRAIN + SHUTDOWN_BOUND + 20)
+    finally:
+        for h in humans:
+            await h.hang_up()
+        worker.stop()
+
+    log = worker.log_text()
+    print(f"worker exited {took:.2f} s after SIGTERM (drain {DRAIN} s)")
+    assert worker.proc.returncode is not None
+    assert took < DRAIN + SHUTDOWN_BOUND + 5, f"the worker took {took:.1f} s to exit"
+    finished = re.findall(r"\[CLEANUP\] cleanup finished[^\"]*errors=(\d+) leaked=(\d+)", log)
+    assert len(finished) == SESSIONS, log[-4000:]
+    assert all(errors == "0" and leaked == "0" for errors, leaked in finished), finished
+    assert DESTROYED not in log
+    # Every session's conversation was retired; the agent itself (and its memory) is still there.
+    deadline = time.monotonic() + 10
+    while (left := await asyncio.to_thread(conversations, letta_sync, letta_agent)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert left == []
+    assert letta_sync.agents.retrieve(letta_agent).id == letta_agent
