@@ -87,32 +87,39 @@ class SessionsEndpoint:
             self._created = False
 
 
+def _get_http_server(self: Any) -> HttpServer | None:
+    value: HttpServer | None = self.__dict__.get(_HTTP_ATTR)
+    return value
+
+
+def _set_http_server(self: Any, value: HttpServer | None) -> None:
+    # AgentServer.run() assigns its freshly created HttpServer here, before starting it (router not frozen)
+    self.__dict__[_HTTP_ATTR] = value
+    if value is not None:
+        endpoint = self.__dict__.get("sessions_endpoint")
+        if endpoint is None:
+            endpoint = self.__dict__["sessions_endpoint"] = SessionsEndpoint()
+        endpoint.add_routes(value.app)
+
+
+def _close_endpoint(self: Any) -> None:
+    endpoint = self.__dict__.get("sessions_endpoint")
+    if isinstance(endpoint, SessionsEndpoint):
+        endpoint.close()
+
+
 class SessionsEndpointMixin:
     """Mix into an ``AgentServer`` subclass (before it) to serve ``/sessions`` on the health server."""
 
     sessions_endpoint: SessionsEndpoint
 
-    @property
-    def _http_server(self) -> HttpServer | None:
-        value: HttpServer | None = self.__dict__.get(_HTTP_ATTR)
-        return value
-
-    @_http_server.setter
-    def _http_server(self, value: HttpServer | None) -> None:
-        self.__dict__[_HTTP_ATTR] = value
-        if value is not None:
-            endpoint = self.__dict__.get("sessions_endpoint")
-            if endpoint is None:
-                endpoint = self.sessions_endpoint = SessionsEndpoint()
-            endpoint.add_routes(value.app)
+    _http_server = property(_get_http_server, _set_http_server)
 
     async def aclose(self) -> None:
         try:
             await super().aclose()  # type: ignore[misc]
         finally:
-            endpoint = self.__dict__.get("sessions_endpoint")
-            if isinstance(endpoint, SessionsEndpoint):
-                endpoint.close()
+            _close_endpoint(self)
 
 
 class SessionGuardServer(SessionsEndpointMixin, AgentServer):
@@ -136,18 +143,34 @@ def install_sessions_endpoint(
     server: AgentServer, *, path: str = "/sessions", state_dir: str | os.PathLike[str] | None = None
 ) -> SessionsEndpoint:
     """Give an existing ``AgentServer`` instance the ``/sessions`` route; call before ``server.run()``
-    (``cli.run_app``). Prefer constructing a :class:`SessionGuardServer`; this switches the instance's
-    class to a ``SessionsEndpointMixin`` subclass of its own class, which has the same effect."""
-    if isinstance(server, SessionsEndpointMixin):
-        return server.sessions_endpoint
-    existing: HttpServer | None = server.__dict__.pop("_http_server", None)
-    cls = type(server)
-    server.__class__ = type(f"{cls.__name__}WithSessions", (SessionsEndpointMixin, cls), {})
+    (``cli.run_app``). Prefer constructing a :class:`SessionGuardServer`. This moves the instance to a
+    subclass of its own class that adds only the ``_http_server`` property and ``aclose`` (no storage,
+    so the instance layout is unchanged); the effect is the same as the mixin's."""
+    current = server.__dict__.get("sessions_endpoint")
+    if isinstance(current, SessionsEndpoint):
+        return current
     endpoint = SessionsEndpoint(path=path, state_dir=state_dir)
-    server.sessions_endpoint = endpoint  # type: ignore[attr-defined]
-    if existing is not None:
-        try:
-            server._http_server = existing  # the setter adds the route (fails if already started)
-        except RuntimeError as e:
-            raise RuntimeError("install_sessions_endpoint() must be called before server.run()") from e
+    if not isinstance(server, SessionsEndpointMixin):
+        base = type(server)
+
+        async def aclose(self: AgentServer) -> None:
+            try:
+                await base.aclose(self)
+            finally:
+                _close_endpoint(self)
+
+        existing: HttpServer | None = server.__dict__.pop("_http_server", None)
+        server.__class__ = type(
+            f"{base.__name__}WithSessions",
+            (base,),
+            {"__slots__": (), "_http_server": property(_get_http_server, _set_http_server), "aclose": aclose},
+        )
+        server.__dict__["sessions_endpoint"] = endpoint
+        if existing is not None:
+            try:
+                server._http_server = existing  # the setter adds the route (fails once started)
+            except RuntimeError as e:
+                raise RuntimeError("install_sessions_endpoint() must be called before server.run()") from e
+    else:
+        server.__dict__["sessions_endpoint"] = endpoint
     return endpoint
