@@ -123,7 +123,7 @@ async def settle(guard: SessionGuard, timeout: float = 3.0) -> None:
 
     def idle() -> bool:
         for runner in list(guard._runners.values()):
-            if runner.queue or runner._inflight is not None:
+            if runner.queue or runner.busy:
                 return False
             if runner.cleanup_job is not None and not runner.finished:
                 return False

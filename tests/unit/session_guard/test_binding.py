@@ -120,7 +120,7 @@ async def test_agent_session_closing_on_error_ends_the_session() -> None:
 
 async def test_user_speech_and_text_count_as_activity() -> None:
     room = FakeRoom()
-    guard = SessionGuard(room.as_room, fast_options(idle_timeout=0.15, idle_warning_before=0.05))
+    guard = SessionGuard(room.as_room, fast_options(idle_timeout=0.4, idle_warning_before=0.15))
     log = HookLog(guard)
     guard.attach()
     session = await started(guard, room)

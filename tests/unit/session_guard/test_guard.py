@@ -212,7 +212,7 @@ async def test_disconnect_while_start_hook_runs_cleans_up_once() -> None:
     room.remove(p, HANGUP)
     room.remove(p, HANGUP)
     await settle(guard)
-    assert time.monotonic() - t0 < 1.0, "the end must not wait for the start hook's timeout"
+    assert time.monotonic() - t0 < 2.0, "the end must not wait for the start hook's 5 s timeout"
     assert cancelled == [True] and ends == [EndReason.HANGUP]
     assert guard.snapshot()["totals"]["cleanups"] == 1
     await guard.aclose()
@@ -326,7 +326,8 @@ async def test_shutdown_ends_all_sessions_within_bound() -> None:
     t0 = time.monotonic()
     await guard.aclose()
     elapsed = time.monotonic() - t0
-    assert elapsed < 0.8, f"aclose took {elapsed:.2f}s for a 0.5s bound"
+    # hooks and tasks would hang 30 s; a generous margin over the 0.5 s bound keeps a loaded CI honest
+    assert elapsed < 1.5, f"aclose took {elapsed:.2f}s for a 0.5s bound"
     assert sorted(ends) == ["a", "b", "c"]
     assert all(t.cancelled() for t in sessions_tasks)
     totals = guard.snapshot()["totals"]
@@ -410,14 +411,14 @@ async def test_idle_timeout_warns_then_ends() -> None:
 
 async def test_activity_keeps_idle_session_alive() -> None:
     room = FakeRoom()
-    guard = make_guard(room, idle_timeout=0.2, idle_warning_before=0.1)
+    guard = make_guard(room, idle_timeout=0.5, idle_warning_before=0.2)
     log = HookLog(guard)
     guard.attach()
     room.add("alice")
     await settle(guard)
     session = guard.get("alice")
     assert session is not None
-    for _ in range(8):
+    for _ in range(12):
         await asyncio.sleep(0.05)
         session.note_activity()
     assert not log.of("end") and not log.of("notice")

@@ -79,7 +79,7 @@ async def test_close_is_bounded_and_a_stubborn_task_is_kept_until_it_finishes(
     await asyncio.sleep(0)  # let it start (a task cancelled before its first step just ends)
     t0 = time.monotonic()
     result = await scope.aclose(0.1)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.0  # bounded: the task itself would never end
     assert result.leaked == ["s:stubborn"] and keeper.tasks == {task}
     assert any("ignored cancellation" in r.getMessage() and "stubborn" in r.getMessage() for r in caplog.records)
     release.set()

@@ -286,6 +286,8 @@ class _Runner:
         self.timers: dict[TimerKind, tuple[int, asyncio.TimerHandle]] = {}
         self.cleanup_job: _CleanupJob | None = None
         self.finished = False
+        self.busy = False
+        """A job is running (for tests and introspection)."""
         self.leaked = 0
         self.cleanup_errors = 0
         self._inflight: tuple[asyncio.Task[Any], Connection | None] | None = None
@@ -366,11 +368,16 @@ class _Runner:
                     await self.wakeup.wait()
                 job = self.queue.popleft()
                 if isinstance(job, _CleanupJob):
+                    self.busy = True
                     await self._cleanup(job.effect)
                     return
                 if self.cleanup_job is not None and not isinstance(job, _StopJob):
                     continue  # the session is ending: what was queued before no longer matters
-                await self._run_job(job)
+                self.busy = True
+                try:
+                    await self._run_job(job)
+                finally:
+                    self.busy = False
         finally:
             if not self.finished:
                 # cancelled by a forced shutdown before or during cleanup: finish what needs no waiting
