@@ -714,3 +714,58 @@ async def test_register_with_job_ends_sessions_before_and_after_disconnect() -> 
     for cb in ctx.callbacks:
         await cb("room disconnected")
     assert guard.closed and len(log.of("end")) == 1
+
+
+async def test_shutdown_cuts_a_cleanup_stuck_in_a_long_hook_and_still_reports_it_once() -> None:
+    room = FakeRoom()
+    guard = make_guard(room, hook_timeout=30.0, shutdown_timeout=0.5)
+    entered = asyncio.Event()
+    cancelled: list[bool] = []
+
+    @guard.on_session_end
+    async def stuck(session: GuardSession, reason: EndReason) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(30)  # its 30 s budget started before the shutdown began
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    guard.attach()
+    p = room.add("alice")
+    await settle(guard)
+    session = guard.get("alice")
+    assert session is not None
+    session.userdata["k"] = "v"
+    room.remove(p, HANGUP)
+    await entered.wait()
+    t0 = time.monotonic()
+    await guard.aclose()
+    assert time.monotonic() - t0 < 1.5
+    assert cancelled == [True] and session.userdata == {}
+    totals = guard.snapshot()["totals"]
+    assert totals["ended"] == 1 and totals["cleanups"] == 1
+
+
+async def test_work_queued_for_a_connection_that_already_left_is_skipped() -> None:
+    room = FakeRoom()
+    guard = make_guard(room)
+    log = HookLog(guard)
+
+    @guard.on_session_away
+    async def slow_away(session: GuardSession) -> None:
+        await asyncio.sleep(0.1)
+
+    guard.attach()
+    p1 = room.add("alice")
+    await settle(guard)
+    room.remove(p1, SIGNAL_CLOSE)
+    p2 = room.add("alice")  # its resume is queued behind the slow away hook...
+    room.remove(p2, SIGNAL_CLOSE)  # ...and it is gone before that resume could run
+    p3 = room.add("alice")
+    await settle(guard)
+    session = guard.get("alice")
+    assert session is not None and session.sid == p3.sid and state_of(session) is SessionState.ACTIVE
+    assert log.of("resume") == [("resume", "alice", 1)], "only the connection still there was resumed"
+    assert guard.snapshot()["totals"]["resumed"] == 2
+    await guard.aclose()

@@ -292,6 +292,7 @@ class _Runner:
         self.cleanup_errors = 0
         self._inflight: tuple[asyncio.Task[Any], Connection | None] | None = None
         self._preempted: set[asyncio.Task[Any]] = set()
+        self._stopping: set[int] = set()  # ids of connections with a stop queued
         self.task = guard._work.spawn(self.run(), name=f"session:{session.identity}#{session.generation}")
 
     # -- logging
@@ -319,8 +320,10 @@ class _Runner:
             self.cleanup_job = job
             if inflight is not None:
                 self._preempt(inflight[0], "the session is ending")
-        elif isinstance(job, _StopJob) and inflight is not None and inflight[1] is job.connection:
-            self._preempt(inflight[0], "its connection stopped")
+        elif isinstance(job, _StopJob):
+            self._stopping.add(id(job.connection))
+            if inflight is not None and inflight[1] is job.connection:
+                self._preempt(inflight[0], "its connection stopped")
         self.queue.append(job)
         self.wakeup.set()
 
@@ -373,6 +376,8 @@ class _Runner:
                     return
                 if self.cleanup_job is not None and not isinstance(job, _StopJob):
                     continue  # the session is ending: what was queued before no longer matters
+                if isinstance(job, _StartJob | _ResumeJob | _NoticeJob) and id(job.connection) in self._stopping:
+                    continue  # that connection is already gone: do not start work for it
                 self.busy = True
                 try:
                     await self._run_job(job)
@@ -407,6 +412,7 @@ class _Runner:
             )
         elif isinstance(job, _StopJob):
             await self._close_connection(job.connection)
+            self._stopping.discard(id(job.connection))
         elif isinstance(job, _AwayJob):
             for hook in reversed(list(g._away_hooks)):
                 await self._call(
@@ -473,6 +479,8 @@ class _Runner:
             raise
         finally:
             self._inflight = None
+            preempted = task in self._preempted
+            self._preempted.discard(task)
         if not done:
             task.cancel()
             grace = self.guard._budget(self.guard._opts.leak_grace, 1)
@@ -483,8 +491,7 @@ class _Runner:
                 self._log(logging.ERROR, "SESSION", f"{what} timed out after {timeout:.1f}s and was cancelled")
             return False
         if task.cancelled():
-            if task in self._preempted:
-                self._preempted.discard(task)
+            if preempted:
                 return False
             self._log(logging.ERROR, "SESSION", f"{what} was cancelled")
             return False
@@ -599,10 +606,10 @@ class _Runner:
             self.cleanup_errors += 1
             self._log(logging.ERROR, "CLEANUP", f"clearing user state failed: {e!r}")
         if forced:
-            # scopes that were never closed by a cancelled cleanup: cancel now, they cannot be awaited here
+            # scopes that a cancelled cleanup never closed: cancel now (they cannot be awaited here) and
+            # keep what is still running referenced until it ends
             for scope in (s.connection.scope, s.scope):
-                for t in scope.tasks:
-                    t.cancel()
+                for t in scope.cancel_all():
                     g._leaks.keep(t)
         g._runners.pop((s.identity, s.generation), None)
         if eff is None:

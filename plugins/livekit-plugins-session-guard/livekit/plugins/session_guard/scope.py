@@ -151,6 +151,15 @@ class TaskScope:
                 extra={**self._log_extra, "task": task.get_name()},
             )
 
+    def cancel_all(self) -> list[asyncio.Task[Any]]:
+        """Close the scope and cancel its tasks without waiting (for when awaiting is impossible).
+        Returns the tasks that were cancelled; the caller decides who keeps them."""
+        self._closed = True
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        return tasks
+
     async def aclose(self, timeout: float) -> ScopeResult:
         """Close the scope: cancel every task and wait for them, at most ``timeout`` seconds.
 
