@@ -769,3 +769,55 @@ async def test_work_queued_for_a_connection_that_already_left_is_skipped() -> No
     assert log.of("resume") == [("resume", "alice", 1)], "only the connection still there was resumed"
     assert guard.snapshot()["totals"]["resumed"] == 2
     await guard.aclose()
+
+
+async def test_reconnect_after_an_interrupted_start_completes_the_start() -> None:
+    room = FakeRoom()
+    guard = make_guard(room, hook_timeout=5.0)
+    log = HookLog(guard)  # registered first: its start hook completes at once
+    calls: list[str] = []
+    entered = asyncio.Event()
+
+    @guard.on_session_start
+    async def slow_first_time(session: GuardSession) -> None:
+        calls.append(session.sid)
+        if len(calls) == 1:
+            entered.set()
+            await asyncio.sleep(10)  # cancelled: the connection drops while it runs
+
+    guard.attach()
+    p1 = room.add("alice")
+    await entered.wait()
+    room.remove(p1, SIGNAL_CLOSE)
+    p2 = room.add("alice")
+    await settle(guard)
+    assert calls == [p1.sid, p2.sid], "the interrupted start hook ran again for the new connection"
+    assert log.of("start") == [("start", "alice", 1)], "a start hook that completed is not repeated"
+    assert not log.of("resume")
+    room.remove(p2, SIGNAL_CLOSE)
+    room.add("alice")
+    await settle(guard)
+    assert log.of("resume") == [("resume", "alice", 1)], "once started, a reconnect is a resume"
+    await guard.aclose()
+    assert len(log.of("end")) == 1
+
+
+async def test_failed_start_hook_is_retried_on_the_next_connection() -> None:
+    room = FakeRoom()
+    guard = make_guard(room)
+    attempts: list[int] = []
+
+    @guard.on_session_start
+    async def flaky(session: GuardSession) -> None:
+        attempts.append(session.connection.index)
+        if len(attempts) == 1:
+            raise ConnectionError("letta is down")
+
+    guard.attach()
+    p1 = room.add("alice")
+    await settle(guard)
+    room.remove(p1, SIGNAL_CLOSE)
+    room.add("alice")
+    await settle(guard)
+    assert attempts == [1, 2]
+    await guard.aclose()

@@ -170,6 +170,7 @@ class GuardSession:
         self.disconnect_reason: int | None = None
         self._started_mono = guard._now()
         self._start_hooks_invoked = False
+        self._start_done: set[int] = set()  # indices of start hooks that completed
 
     @property
     def room_name(self) -> str:
@@ -392,12 +393,12 @@ class _Runner:
         g = self.guard
         s = self.session
         if isinstance(job, _StartJob):
-            s._start_hooks_invoked = True
-            for hook in list(g._start_hooks):
-                await self._call(
-                    f"start hook {_hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, job.connection
-                )
-            self._log(logging.INFO, "SESSION", "session start hooks done")
+            await self._start_hooks(job.connection)
+        elif isinstance(job, _ResumeJob) and len(s._start_done) < len(g._start_hooks):
+            # the session never fully started (a start hook failed, or was cancelled when the first connection
+            # dropped): this connection completes the start instead of resuming
+            self._log(logging.INFO, "SESSION", "start was incomplete: running the remaining start hooks")
+            await self._start_hooks(job.connection)
         elif isinstance(job, _ResumeJob):
             for hook in list(g._resume_hooks):
                 await self._call(
@@ -420,6 +421,25 @@ class _Runner:
                 )
         elif isinstance(job, _NoticeJob):
             await self._deliver_notice(job.notice, job.connection, preemptible=True)
+
+    async def _start_hooks(self, conn: Connection) -> None:
+        g = self.guard
+        s = self.session
+        s._start_hooks_invoked = True
+        for i, hook in enumerate(list(g._start_hooks)):
+            if i in s._start_done:
+                continue
+            ok = await self._call(
+                f"start hook {_hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, conn
+            )
+            if ok:
+                s._start_done.add(i)
+        complete = len(s._start_done) >= len(g._start_hooks)
+        self._log(
+            logging.INFO if complete else logging.WARNING,
+            "SESSION",
+            "session start hooks done" if complete else "session start incomplete (retried on the next connection)",
+        )
 
     async def _close_connection(self, conn: Connection) -> ScopeResult:
         timeout = self.guard._budget(self.guard._opts.task_cancel_timeout, 1)
@@ -744,12 +764,16 @@ class SessionGuard:
     # -- hooks (each usable as a decorator)
 
     def on_session_start(self, hook: SessionHook) -> SessionHook:
-        """Run (in registration order) when a fresh session starts."""
+        """Run (in registration order) when a fresh session starts. A start hook that did not complete (it
+        raised, timed out, or was cancelled because the connection dropped) runs again on the session's
+        next connection instead of the resume hooks, so write start hooks to pick up partial work from
+        ``session.userdata``."""
         self._start_hooks.append(hook)
         return hook
 
     def on_session_resume(self, hook: SessionHook) -> SessionHook:
-        """Run (in registration order) when the same identity comes back (reconnect, refresh, new tab)."""
+        """Run (in registration order) when the same identity comes back (reconnect, refresh, new tab) to a
+        session whose start hooks all completed."""
         self._resume_hooks.append(hook)
         return hook
 
