@@ -146,15 +146,17 @@ async def entrypoint(ctx: JobContext) -> None:
 
     @guard.on_session_start
     async def on_start(gs: sg.GuardSession) -> None:
-        gs.userdata[AGENT_KEY] = await session_agent(gs)
-        conversation = await client.conversations.create(agent_id=gs.userdata[AGENT_KEY])
-        gs.userdata[CONVERSATION_KEY] = conversation.id
-        logger.info(
-            "[SESSION] new Letta conversation %s for %s",
-            conversation.id,
-            gs.identity,
-            extra={"room": gs.room_name, "identity": gs.identity, "conversation_id": conversation.id},
-        )
+        # A start whose hooks were cancelled part-way runs again on the next connection: reuse what it made.
+        if CONVERSATION_KEY not in gs.userdata:
+            gs.userdata[AGENT_KEY] = await session_agent(gs)
+            conversation = await client.conversations.create(agent_id=gs.userdata[AGENT_KEY])
+            gs.userdata[CONVERSATION_KEY] = conversation.id
+            logger.info(
+                "[SESSION] new Letta conversation %s for %s",
+                conversation.id,
+                gs.identity,
+                extra={"room": gs.room_name, "identity": gs.identity, "conversation_id": conversation.id},
+            )
         await start_connection_for(gs, None, SETTINGS.greeting)
 
     @guard.on_session_resume
