@@ -29,7 +29,6 @@ from livekit.plugins import session_guard as sg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sgapp.chat_router import ChatRouter
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, validate_agent
 from sgapp.providers import build_voice, describe, load_vad
@@ -111,7 +110,7 @@ async def entrypoint(ctx: JobContext) -> None:
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
-    chat = ChatRouter(ctx.room)
+    chat = sg.ChatRouter(ctx.room)
 
     validated = {agent_id}
 

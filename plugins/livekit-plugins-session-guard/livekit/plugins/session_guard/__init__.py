@@ -9,6 +9,7 @@ from __future__ import annotations
 from livekit.agents import Plugin
 
 from .binding import CHAT_CTX_KEY, AgentSessionBinding, bind_agent_session, saved_chat_ctx
+from .chat import TOPIC_CHAT, ChatRouter, TextDelivery
 from .core import EndReason, NoticeKind, SessionState
 from .endpoint import (
     SessionGuardServer,
@@ -44,7 +45,9 @@ __all__ = [
     "DEFAULT_HUMAN_KINDS",
     "FINAL_DISCONNECT_REASONS",
     "STATE_DIR_ENV",
+    "TOPIC_CHAT",
     "AgentSessionBinding",
+    "ChatRouter",
     "Connection",
     "EndHook",
     "EndReason",
@@ -64,6 +67,7 @@ __all__ = [
     "SessionsEndpoint",
     "SessionsEndpointMixin",
     "TaskScope",
+    "TextDelivery",
     "__version__",
     "bind_agent_session",
     "end_sessions_before_disconnect",

@@ -6,7 +6,7 @@ claims `lk.chat` for itself. With a new AgentSession per (re)connection, or one 
 - a second RoomIO finds the topic taken ("already set, ignoring"): that human's text never reaches its session;
 - during a reconnect, text arrives while the old AgentSession is closing ("AgentSession is closing, cannot use
   generate_reply()") and before the new one exists: the message is dropped.
-The router registers the topic once, routes by sender identity, and holds a sender's messages (bounded in count and
+`ChatRouter` registers the topic once, routes by sender identity, and holds a sender's messages (bounded in count and
 age) until that sender's next AgentSession is ready. AgentSessions are started with `text_input=False`.
 """
 
@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from livekit import rtc
 from livekit.agents import AgentSession
 from livekit.agents.voice.room_io import TextInputEvent, TextInputOptions
-from livekit.plugins.session_guard import TaskScope
 
-logger = logging.getLogger("sgapp.chat")
+from .log import logger
+from .scope import TaskScope
+
+__all__ = ["TOPIC_CHAT", "ChatRouter", "TextDelivery"]
 
 TOPIC_CHAT = "lk.chat"
+
+TextDelivery = Callable[[AgentSession[Any], TextInputEvent], Awaitable[None] | None]
+"""How a message is handed to an AgentSession; default: the framework's own text input callback (interrupt the
+agent, then reply), the same one RoomIO uses."""
 
 
 @dataclass
@@ -37,8 +43,16 @@ class _Pending:
 
 
 class ChatRouter:
-    def __init__(self, room: rtc.Room, *, max_pending: int = 20, max_age: float = 60.0) -> None:
+    def __init__(
+        self,
+        room: rtc.Room,
+        *,
+        max_pending: int = 20,
+        max_age: float = 60.0,
+        deliver: TextDelivery | None = None,
+    ) -> None:
         self._room = room
+        self._deliver_cb: TextDelivery = deliver or TextInputOptions().text_input_cb
         self._max_pending = max_pending
         self._max_age = max_age
         self._targets: dict[str, AgentSession[Any]] = {}
@@ -127,9 +141,8 @@ class ChatRouter:
         participant = self._room.remote_participants.get(identity)
         if participant is None:
             return False
-        callback = TextInputOptions().text_input_cb  # the framework's own default: interrupt, then reply
         try:
-            result = callback(session, TextInputEvent(text=item.text, info=item.info, participant=participant))
+            result = self._deliver_cb(session, TextInputEvent(text=item.text, info=item.info, participant=participant))
             if asyncio.iscoroutine(result):
                 await result
         except RuntimeError as e:  # the session started closing under us: hold it for the next one
