@@ -51,10 +51,12 @@ def _stack_env() -> dict[str, str]:
     return data
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stack:
     env: dict[str, str]
     info: StackInfo
+    worker_url: str = ""
+    """Set by the `worker` fixture: the worker whose /sessions the tests read."""
 
     @property
     def letta_url(self) -> str:
@@ -63,10 +65,6 @@ class Stack:
     @property
     def provider_url(self) -> str:
         return self.env["SG_TEST_PROVIDER_URL"]
-
-    @property
-    def worker_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['SG_WORKER_PORT']}"
 
     @property
     def logs(self) -> Path:
@@ -79,13 +77,23 @@ class Stack:
         return list(body["requests"] if isinstance(body, dict) else body)
 
     def sessions(self) -> dict[str, Any]:
+        assert self.worker_url, "no worker: use the `worker` fixture"
         r = httpx.get(self.worker_url + "/sessions", timeout=5)
         r.raise_for_status()
         data: dict[str, Any] = r.json()
         return data
 
 
-AGENT_NAME = "session-guard-test"
+# Per pytest run, so two runs against one test stack never get each other's dispatches.
+AGENT_NAME = f"session-guard-test-{os.getpid()}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +179,7 @@ def start_worker(
 ) -> WorkerProc:
     log = stack.logs / f"worker-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    port = port or int(stack.env["SG_WORKER_PORT"])
+    port = port or free_port()
     env = {
         **os.environ,
         **stack.env,
@@ -214,7 +222,8 @@ def start_worker(
 @pytest.fixture(scope="session")
 def worker(stack: Stack) -> Iterator[WorkerProc]:
     """One worker for the integration tests (`python agent.py start`), stopped with SIGTERM at the end."""
-    w = start_worker(stack, name="pytest")
+    w = start_worker(stack, name=f"pytest-{os.getpid()}")
+    stack.worker_url = w.url
     yield w
     took = w.stop()
     text = w.log_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import time
 
@@ -26,13 +27,11 @@ def conversations(letta: Letta, agent_id: str) -> list[str]:
 async def test_sigterm_ends_every_live_session_within_the_bound(
     stack: Stack, letta_sync: Letta, letta_agent: str
 ) -> None:
-    name = "sg-shutdown-test"
-    port = int(stack.env["SG_WORKER_PORT"]) + 1
+    name = f"sg-shutdown-test-{os.getpid()}"
     worker = await asyncio.to_thread(
         start_worker,
         stack,
         name="shutdown",
-        port=port,
         extra_env={"AGENT_NAME": name, "SG_DRAIN_TIMEOUT": str(int(DRAIN)), "SG_IDLE_PROCESSES": "2"},
     )
     info = dataclasses.replace(stack.info, agent_name=name)
