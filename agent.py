@@ -23,6 +23,7 @@ from pathlib import Path
 from letta_client import APIConnectionError as LettaConnectionError
 from letta_client import AsyncLetta
 from letta_client import NotFoundError as LettaNotFoundError
+from livekit import rtc
 from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
@@ -182,6 +183,14 @@ async def entrypoint(ctx: JobContext) -> None:
         # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. Deleting it
         # (not just leaving) means a client that rejoins the same room name gets a new room and a newly dispatched
         # agent, never a room where no agent will answer. The token server makes a fresh room per connection anyway.
+        if any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values()):
+            # Someone joined while the last session was being cleaned up: the guard will start their session.
+            logger.info(
+                "[SHUTDOWN] last session ended but a human just joined %s: keeping the room",
+                ctx.room.name,
+                extra={"room": ctx.room.name},
+            )
+            return
         logger.info(
             "[SHUTDOWN] last human gone: deleting room %s and ending the job",
             ctx.room.name,

@@ -76,6 +76,21 @@ class Stack:
         body = r.json()
         return list(body["requests"] if isinstance(body, dict) else body)
 
+    def room_exists(self, room: str) -> bool:
+        """Whether livekit-server still has the room (a deleted room is gone at once)."""
+        import asyncio
+
+        from livekit import api
+
+        async def check() -> bool:
+            async with api.LiveKitAPI(
+                self.info.livekit_url.replace("ws://", "http://"), self.info.api_key, self.info.api_secret
+            ) as lk:
+                rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))
+                return bool(rooms.rooms)
+
+        return asyncio.run(check())
+
     def sessions(self) -> dict[str, Any]:
         assert self.worker_url, "no worker: use the `worker` fixture"
         r = httpx.get(self.worker_url + "/sessions", timeout=5)

@@ -66,7 +66,7 @@ async def test_hangup_then_reconnect_starts_fresh_session(stack: Stack, worker: 
     await first.hang_up()
 
     async def ended() -> bool:
-        return not await sessions_in(stack, room)
+        return not await sessions_in(stack, room) and not await asyncio.to_thread(stack.room_exists, room)
 
     await wait_for(ended, 10, "the hung-up session to end")
     after = await totals(stack)
@@ -136,7 +136,8 @@ async def test_rejoin_after_the_window_starts_fresh(stack: Stack, worker: Worker
         await dropped.aclose()
 
     async def gone() -> bool:
-        return not await sessions_in(stack, room)
+        # The session ended and the job deleted the room: a rejoin now creates a new room with a new agent.
+        return not await sessions_in(stack, room) and not await asyncio.to_thread(stack.room_exists, room)
 
     expiry = DROP_DETECTION + WINDOW + 5
     await wait_for(gone, expiry, "the reconnect window to expire and the session to end", interval=0.25)
