@@ -110,6 +110,7 @@ async def entrypoint(ctx: JobContext) -> None:
         ctx.shutdown(reason=f"bad Letta agent: {e}")
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
+    ctx.add_shutdown_callback(voice.aclose)
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
     chat = sg.ChatRouter(ctx.room)
 

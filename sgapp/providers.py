@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import openai as openai_sdk
 from livekit.agents import stt, tts, vad
-from livekit.agents.types import NOT_GIVEN
 from livekit.plugins import openai, silero
 
 from .config import Settings
@@ -29,6 +29,12 @@ class Voice:
     stt: stt.STT[Any]
     tts: tts.TTS[Any]
     vad: vad.VAD
+    http: openai_sdk.AsyncClient
+    """The OpenAI-compatible client STT and TTS share. Ours to close: livekit-plugins-openai 1.8.9's
+    `STT.aclose()` leaves the client it made itself open, so we hand it one we own."""
+
+    async def aclose(self) -> None:
+        await self.http.close()
 
 
 def load_vad() -> vad.VAD:
@@ -47,18 +53,12 @@ def describe(settings: Settings) -> str:
 
 
 def build_voice(settings: Settings, vad_model: vad.VAD) -> Voice:
-    base_url = settings.stt_tts_base_url
-    api_key = settings.stt_tts_api_key
+    """STT and TTS for one job. Close with `Voice.aclose()` when the job ends."""
+    http = openai_sdk.AsyncClient(api_key=settings.stt_tts_api_key, base_url=settings.stt_tts_base_url)
     if settings.provider == "openai":
-        s = openai.STT(
-            model="gpt-4o-mini-transcribe",
-            api_key=api_key,
-            use_realtime=False,
-            base_url=base_url or NOT_GIVEN,
-        )
-        t = openai.TTS(model="gpt-4o-mini-tts", voice="ash", api_key=api_key, base_url=base_url or NOT_GIVEN)
+        s = openai.STT(model="gpt-4o-mini-transcribe", use_realtime=False, client=http)
+        t = openai.TTS(model="gpt-4o-mini-tts", voice="ash", client=http)
     else:
-        assert base_url is not None
-        s = openai.STT(model="whisper-1", base_url=base_url, api_key=api_key, use_realtime=False)
-        t = openai.TTS(model="tts-1", voice="alloy", base_url=base_url, api_key=api_key, response_format="pcm")
-    return Voice(stt=s, tts=t, vad=vad_model)
+        s = openai.STT(model="whisper-1", use_realtime=False, client=http)
+        t = openai.TTS(model="tts-1", voice="alloy", response_format="pcm", client=http)
+    return Voice(stt=s, tts=t, vad=vad_model, http=http)
