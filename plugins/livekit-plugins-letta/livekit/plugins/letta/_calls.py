@@ -1,0 +1,65 @@
+"""Every request to Letta goes through `bounded`: the HTTP client's own timeout plus an asyncio bound, and errors
+sorted into "config" (retrying will not help) and "unavailable" (retry later)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from letta_client import APIConnectionError, APIStatusError, APITimeoutError
+
+from .errors import LettaConfigError, LettaUnavailableError
+
+__all__ = ["bounded", "is_busy", "is_not_found", "short_detail"]
+
+T = TypeVar("T")
+
+
+def short_detail(e: BaseException, limit: int = 300) -> str:
+    """The useful part of an SDK error: the server's `detail`, else the message."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("message") or body.get("error")
+        if detail:
+            return str(detail)[:limit]
+    return (str(e) or type(e).__name__)[:limit]
+
+
+def is_not_found(e: BaseException) -> bool:
+    return isinstance(e, APIStatusError) and e.status_code == 404
+
+
+def is_busy(e: BaseException) -> bool:
+    """Letta's 409 for a message sent while another request of the same conversation runs (not accepted)."""
+    if not isinstance(e, APIStatusError) or e.status_code != 409:
+        return False
+    text = short_detail(e, 1000).lower()
+    return "being processed" in text or "conversation_busy" in text or "busy" in text
+
+
+async def bounded(what: str, base_url: str, call: Callable[[float], Awaitable[T]], timeout: float) -> T:
+    """Run `call(timeout)` (it passes `timeout` to the SDK) within `timeout` seconds.
+
+    Raises LettaUnavailableError for no answer / connection errors / 5xx / 429, LettaConfigError for 401 and 403;
+    other status errors (404, 409, 422...) propagate unchanged for the caller to judge.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await call(timeout)
+    except TimeoutError:
+        raise LettaUnavailableError(f"{what}: no answer from Letta at {base_url} within {timeout:.1f} s") from None
+    except APITimeoutError:
+        raise LettaUnavailableError(f"{what}: no answer from Letta at {base_url} within {timeout:.1f} s") from None
+    except APIConnectionError as e:
+        cause = e.__cause__ or e
+        raise LettaUnavailableError(f"{what}: cannot reach Letta at {base_url}: {short_detail(cause)}") from e
+    except APIStatusError as e:
+        if e.status_code >= 500 or e.status_code == 429:
+            raise LettaUnavailableError(f"{what}: Letta answered {e.status_code}: {short_detail(e)}") from e
+        if e.status_code in (401, 403):
+            raise LettaConfigError(
+                f"{what}: Letta at {base_url} refused the credentials ({e.status_code}: {short_detail(e)}); "
+                "check LETTA_API_KEY"
+            ) from e
+        raise

@@ -1,0 +1,144 @@
+"""What every conversation of one job shares: the client (retries off), options, the block cache, the answer to
+"does this server have conversations?", per-agent leases for servers without them, counters, the job's scope."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from letta_client import AsyncLetta
+from livekit.plugins.session_guard import TaskScope
+
+from . import _logfmt as lf
+from ._calls import bounded, is_not_found
+from .cache import BlockCache, MemoryBlock
+from .errors import LettaUnavailableError
+from .options import LettaOptions
+
+__all__ = ["LettaBackend", "LettaStats"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class LettaStats:
+    turns: int = 0
+    turn_errors: int = 0
+    interrupted_turns: int = 0
+    busy_retries: int = 0
+    conversations_created: int = 0
+    conversations_retired: int = 0
+    agent_resets: int = 0
+    recompiles: int = 0
+    settles: int = 0
+    retire_failures: int = 0
+    retries_done: int = 0
+    orphans_claimed: int = 0
+    summaries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LettaBackend:
+    """Shared by the conversations of one job. `scope` owns work that must outlive a session (creating a
+    conversation, retiring one); the owner closes it."""
+
+    def __init__(
+        self,
+        client: AsyncLetta,
+        options: LettaOptions,
+        *,
+        scope: TaskScope,
+        cache: BlockCache | None = None,
+    ) -> None:
+        # Never retried by the SDK: a stateful agent must not get the same message twice; this plugin decides what
+        # to retry (only what Letta did not accept).
+        self.client = client.with_options(max_retries=0)
+        self.base_url = str(client.base_url).rstrip("/")
+        self.options = options
+        self.scope = scope
+        self.cache = cache if cache is not None else BlockCache(self._fetch_blocks)
+        self.stats = LettaStats()
+        self._conversations: bool | None = {"always": True, "never": False}.get(options.conversations)
+        self._probe_lock = asyncio.Lock()
+        self._leases: dict[str, asyncio.Lock] = {}
+        self.on_reachable: Callable[[], None] | None = None
+        """Called after a request succeeded following a failure (the retirement worker wakes up)."""
+        self._unreachable = False
+
+    # -- requests
+
+    async def call(self, what: str, fn: Callable[[float], Awaitable[T]], timeout: float | None = None) -> T:
+        """A bounded request (see `_calls.bounded`); keeps track of whether Letta is reachable."""
+        try:
+            result = await bounded(what, self.base_url, fn, timeout or self.options.request_timeout)
+        except LettaUnavailableError:
+            self.note_unreachable()
+            raise
+        self.note_reachable()
+        return result
+
+    def note_unreachable(self) -> None:
+        self._unreachable = True
+
+    def note_reachable(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            lf.info("Letta is reachable again", letta_url=self.base_url)
+            if self.on_reachable is not None:
+                self.on_reachable()
+
+    @property
+    def reachable(self) -> bool:
+        return not self._unreachable
+
+    async def _fetch_blocks(self, agent_id: str) -> list[MemoryBlock]:
+        page = await self.call(
+            f"reading the memory blocks of {agent_id}",
+            lambda t: self.client.agents.blocks.list(agent_id, timeout=t),
+        )
+        return [MemoryBlock.from_sdk(b) for b in page.items]
+
+    # -- capabilities
+
+    async def conversations_supported(self) -> bool:
+        """Probed once per job: GET /v1/conversations/ answering 404 means a server without conversations."""
+        if self._conversations is not None:
+            return self._conversations
+        async with self._probe_lock:
+            if self._conversations is None:
+                try:
+                    await self.call(
+                        "probing the conversations API", lambda t: self.client.conversations.list(limit=1, timeout=t)
+                    )
+                    self._conversations = True
+                except Exception as e:
+                    if not is_not_found(e):
+                        raise
+                    self._conversations = False
+                    lf.warning(
+                        "this Letta server has no conversations API (GET /v1/conversations/ answered 404): falling "
+                        "back to reset-messages on the agent's own history; sessions on one Letta agent take turns "
+                        "(one at a time in this job)",
+                        letta_url=self.base_url,
+                    )
+        return bool(self._conversations)
+
+    @property
+    def conversations_known(self) -> bool | None:
+        return self._conversations
+
+    def lease(self, agent_id: str) -> asyncio.Lock:
+        """Without conversations the agent's history is shared: one session holds an agent at a time."""
+        lock = self._leases.get(agent_id)
+        if lock is None:
+            lock = self._leases[agent_id] = asyncio.Lock()
+        return lock
+
+    # -- background work
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        return self.scope.spawn(coro, name=name)

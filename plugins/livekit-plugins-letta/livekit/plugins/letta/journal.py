@@ -1,0 +1,174 @@
+"""A small durable journal of the Letta conversations this plugin created and has not retired yet.
+
+One JSON file per conversation, written when the conversation is created and removed once it is deleted from
+Letta. The process that owns a conversation holds an exclusive `flock` on its file for as long as it lives, so:
+
+- a later job (any process) can tell an orphan (no lock: its owner ended, crashed or was killed before the
+  retirement reached Letta) from a live session (locked), claim the orphan and retire it;
+- nothing here needs pids, clocks or a database; the kernel drops the lock when the owner dies.
+
+Entries name the Letta server (base URL): a job only claims entries of the server it talks to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _logfmt as lf
+
+__all__ = ["JournalEntry", "JournalHandle", "RetirementJournal"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    letta_url: str
+    agent_id: str
+    conversation_id: str
+    room: str = ""
+    identity: str = ""
+    created_at: float = 0.0
+    summarize: bool = False
+    """Write an end-of-session summary to archival memory before deleting (end_summary was on)."""
+
+
+class JournalHandle:
+    """An entry this process holds (locked). `done()` removes it; `release()` unlocks and leaves it for later."""
+
+    def __init__(self, path: Path, fd: int, entry: JournalEntry) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self.entry = entry
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def update(self, entry: JournalEntry) -> None:
+        if self._fd is None:
+            return
+        self.entry = entry
+        data = json.dumps(asdict(entry)).encode()
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, data)
+
+    def done(self) -> None:
+        """The conversation is retired: forget the entry."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._close()
+
+    def release(self) -> None:
+        """Stop holding the entry (job end with the retirement still pending): a later job will claim it."""
+        self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing drops the flock
+
+    def __repr__(self) -> str:
+        return f"JournalHandle({self.path.name}, held={self.held})"
+
+
+class RetirementJournal:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, conversation_id: str) -> Path:
+        return self.directory / f"conv-{_SAFE.sub('_', conversation_id.removeprefix('conv-'))}.json"
+
+    def record(self, entry: JournalEntry) -> JournalHandle | None:
+        """Write a locked entry for a new conversation. None (logged) if the journal cannot be written: the
+        session goes on without durability rather than failing."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._path(entry.conversation_id)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before anyone can see it
+                os.write(fd, json.dumps(asdict(entry)).encode())
+                os.replace(tmp, path)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            return JournalHandle(path, fd, entry)
+        except OSError as e:
+            lf.warning(
+                "cannot write the retirement journal; this conversation is not journaled",
+                journal=str(self.directory),
+                conversation_id=entry.conversation_id,
+                error=repr(e),
+            )
+            return None
+
+    def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
+        """Lock and return every entry of `letta_url` that nobody holds (its owner is gone)."""
+        out: list[JournalHandle] = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return out
+        except OSError as e:
+            lf.warning("cannot read the retirement journal", journal=str(self.directory), error=repr(e))
+            return out
+        for name in names:
+            if not (name.startswith("conv-") and name.endswith(".json")):
+                continue
+            handle = self._claim(self.directory / name, letta_url)
+            if handle is not None:
+                out.append(handle)
+        return out
+
+    def _claim(self, path: Path, letta_url: str) -> JournalHandle | None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None  # retired (removed) meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None  # a live owner holds it
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                os.close(fd)
+                return None  # removed between open and lock
+            raw = os.read(fd, 1 << 16)
+            entry = _parse(raw)
+        except (OSError, ValueError) as e:
+            os.close(fd)
+            lf.warning("ignoring an unreadable journal entry", path=str(path), error=repr(e))
+            return None
+        if entry.letta_url.rstrip("/") != letta_url.rstrip("/"):
+            os.close(fd)
+            return None
+        return JournalHandle(path, fd, entry)
+
+
+def _parse(raw: bytes) -> JournalEntry:
+    data: Any = json.loads(raw.decode())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    fields = {k: data[k] for k in JournalEntry.__dataclass_fields__ if k in data}
+    for required in ("letta_url", "agent_id", "conversation_id"):
+        if not isinstance(fields.get(required), str) or not fields[required]:
+            raise ValueError(f"missing {required}")
+    fields.setdefault("created_at", time.time())
+    return JournalEntry(**fields)

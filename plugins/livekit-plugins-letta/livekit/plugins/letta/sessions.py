@@ -1,0 +1,338 @@
+"""`LettaSessions`: the Letta side of every voice session of a job, plugged into the session guard's hooks.
+
+    letta = LettaSessions(client, LettaOptions(journal_dir=...))
+    letta.install(guard, agent_id_for=lambda s: room_agent_id)   # before the app's own start hooks
+
+    @guard.on_session_start
+    async def start(s):
+        agent_session = AgentSession(llm=letta.llm_for(s), ...)
+        sg.bind_agent_session(s, agent_session)     # the guard's error breaker counts failed turns
+        letta.bind_agent_session(s, agent_session)  # a spoken apology when Letta fails; early memory check
+        ...
+
+    ctx.add_shutdown_callback(lambda _: letta.aclose())
+
+- start: the session gets its own conversation on the agent (created in the background; a turn waits for it);
+- resume: the same conversation, no request to Letta at all (the memory block cache is per job, not per session);
+- end: the conversation is retired (deleted; the agent's memory blocks and archival memory stay), now or, if
+  Letta cannot be reached, later: by this job's retry worker, or by a later job through the journal.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from letta_client import AsyncLetta
+from livekit.agents import AgentSession
+from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
+from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, TaskScope
+
+from . import _logfmt as lf
+from ._calls import is_not_found, short_detail
+from .backend import LettaBackend, LettaStats
+from .cache import BlockCache, MemoryBlock
+from .conversation import LettaConversation
+from .errors import LettaConfigError, LettaUnavailableError
+from .journal import JournalEntry, RetirementJournal
+from .llm import LettaLLM
+from .options import LettaOptions
+from .retire import PendingRetirement, Retirements
+
+__all__ = ["CONVERSATION_KEY", "AgentIdFor", "LettaSessions", "agent_id_from_metadata"]
+
+CONVERSATION_KEY = "livekit.plugins.letta.conversation"
+"""`GuardSession.userdata` key of the session's `LettaConversation`."""
+
+AgentIdFor = Callable[[GuardSession], "str | Awaitable[str]"]
+
+
+def agent_id_from_metadata(metadata: str | None, key: str = "letta_agent_id") -> str | None:
+    """The Letta agent id in a dispatch's metadata (JSON `{"letta_agent_id": "agent-..."}`, set by the token
+    server); None when there is no metadata or no such key. Raises LettaConfigError naming what is malformed."""
+    raw = (metadata or "").strip()
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LettaConfigError(f"the dispatch metadata is not JSON: {raw[:200]!r}") from None
+    if not isinstance(meta, dict):
+        raise LettaConfigError(f"the dispatch metadata is not a JSON object: {raw[:200]!r}")
+    value = meta.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith("agent-"):
+        raise LettaConfigError(f"dispatch metadata {key}={value!r} does not look like a Letta agent id (agent-...)")
+    return value
+
+
+class LettaSessions:
+    """The Letta side of a job's voice sessions. Create one per job (it holds the job's block cache, retry worker
+    and journal); `aclose()` it at job end."""
+
+    def __init__(
+        self,
+        client: AsyncLetta,
+        options: LettaOptions | None = None,
+        *,
+        cache: BlockCache | None = None,
+    ) -> None:
+        self._opts = options or LettaOptions()
+        self._scope = TaskScope("letta")
+        self._backend = LettaBackend(client, self._opts, scope=self._scope, cache=cache)
+        self._journal = RetirementJournal(self._opts.journal_dir) if self._opts.journal_dir else None
+        self._retirements = Retirements(self._backend, self._journal)
+        self._backend.on_reachable = self._on_reachable
+        self._validated: dict[str, str] = {}
+        self._guard: SessionGuard | None = None
+        self._agent_id_for: AgentIdFor | None = None
+        self._closed = False
+
+    # -- what the app reads
+
+    @property
+    def options(self) -> LettaOptions:
+        return self._opts
+
+    @property
+    def cache(self) -> BlockCache:
+        return self._backend.cache
+
+    @property
+    def backend(self) -> LettaBackend:
+        return self._backend
+
+    @property
+    def stats(self) -> LettaStats:
+        return self._backend.stats
+
+    @property
+    def pending(self) -> list[PendingRetirement]:
+        """Retirements not done yet (Letta could not be reached)."""
+        return self._retirements.pending
+
+    @property
+    def base_url(self) -> str:
+        return self._backend.base_url
+
+    # -- checks (configuration errors name what is wrong)
+
+    async def check_server(self) -> str:
+        """Letta's version; raises LettaConfigError when the URL is not a reachable Letta server."""
+        b = self._backend
+        try:
+            health = await b.call("checking the Letta server", lambda t: b.client.health(timeout=t))
+        except LettaUnavailableError as e:
+            raise LettaConfigError(f"{e} (check LETTA_BASE_URL)") from e
+        except Exception as e:
+            if is_not_found(e):
+                raise LettaConfigError(
+                    f"{b.base_url} does not look like a Letta server: GET /v1/health/ answered 404 "
+                    "(check LETTA_BASE_URL)"
+                ) from None
+            raise LettaConfigError(f"checking the Letta server at {b.base_url}: {short_detail(e)}") from e
+        return str(getattr(health, "version", "") or "?")
+
+    async def validate_agent(self, agent_id: str) -> str:
+        """The agent's name. Raises LettaConfigError if the server has no such agent, LettaUnavailableError if it
+        cannot tell now. Once per agent per job; also primes the block cache with the agent's blocks."""
+        if agent_id in self._validated:
+            return self._validated[agent_id]
+        b = self._backend
+        read_at = time.monotonic()
+        try:
+            agent = await b.call(
+                f"looking up agent {agent_id}", lambda t: b.client.agents.retrieve(agent_id, timeout=t)
+            )
+        except LettaUnavailableError:
+            raise
+        except Exception as e:
+            if is_not_found(e):
+                raise LettaConfigError(f"Letta at {b.base_url} has no agent {agent_id!r}") from None
+            raise
+        blocks = getattr(agent, "blocks", None)
+        if isinstance(blocks, list):
+            b.cache.prime(agent_id, [MemoryBlock.from_sdk(x) for x in blocks], read_at=read_at)
+        self._validated[agent_id] = str(agent.name)
+        return self._validated[agent_id]
+
+    # -- guard hooks
+
+    def install(self, guard: SessionGuard, *, agent_id_for: AgentIdFor) -> None:
+        """Register the hooks on `guard`. Call it before registering the app's own start hooks (start hooks run
+        in registration order; the app's hook then finds the session's conversation); end hooks run in reverse
+        order, so the conversation is retired after the app's end hooks.
+
+        `agent_id_for(session)` returns (or awaits to) the Letta agent id of that session."""
+        if self._guard is not None:
+            raise RuntimeError("LettaSessions.install() was already called")
+        self._guard = guard
+        self._agent_id_for = agent_id_for
+        guard.on_session_start(self._on_start)
+        guard.on_session_resume(self._on_resume)
+        guard.on_session_end(self._on_end)
+        self._retirements.start()
+        if self._journal is not None:
+            self._retirements.claim_orphans()
+
+    async def _on_start(self, gs: GuardSession) -> None:
+        conv = gs.userdata.get(CONVERSATION_KEY)
+        if not isinstance(conv, LettaConversation):
+            assert self._agent_id_for is not None
+            got = self._agent_id_for(gs)
+            agent_id = await got if inspect.isawaitable(got) else got
+            conv = LettaConversation(
+                self._backend,
+                str(agent_id),
+                scope=gs.scope,
+                room=gs.room_name,
+                identity=gs.identity,
+                on_created=self._on_created,
+            )
+            # Stored before anything can fail: a start hook that runs again (after a failed or cut-off start)
+            # reuses it instead of making a second conversation.
+            gs.userdata[CONVERSATION_KEY] = conv
+            lf.info(
+                "session start: its own conversation is being created",
+                room=gs.room_name,
+                identity=gs.identity,
+                agent_id=conv.agent_id,
+            )
+        conv.prefetch()
+
+    async def _on_resume(self, gs: GuardSession) -> None:
+        conv = gs.userdata.get(CONVERSATION_KEY)
+        if not isinstance(conv, LettaConversation):
+            return
+        lf.info(
+            "session resumed: same conversation, nothing asked of Letta",
+            room=gs.room_name,
+            identity=gs.identity,
+            agent_id=conv.agent_id,
+            conversation_id=conv.conversation_id,
+        )
+        conv.prefetch()  # only if it was never created (Letta was down)
+
+    async def _on_end(self, gs: GuardSession, reason: EndReason) -> None:
+        conv = gs.userdata.get(CONVERSATION_KEY)
+        if not isinstance(conv, LettaConversation):
+            return
+        await self._retirements.retire(conv, reason=reason.value)
+
+    def _on_created(self, conv: LettaConversation) -> None:
+        if self._journal is not None and conv.conversation_id is not None:
+            conv.journal = self._journal.record(
+                JournalEntry(
+                    letta_url=self._backend.base_url,
+                    agent_id=conv.agent_id,
+                    conversation_id=conv.conversation_id,
+                    room=conv.room,
+                    identity=conv.identity,
+                    created_at=time.time(),
+                    summarize=self._opts.end_summary,
+                )
+            )
+        if conv.retired:
+            # The session ended while the create was on its way: retire what it made.
+            if self._retirements.add_for(conv, reason="ended while its conversation was being created"):
+                self._retirements.kick()
+
+    def _on_reachable(self) -> None:
+        self._retirements.claim_orphans()
+        self._retirements.kick()
+
+    # -- per session
+
+    def conversation(self, gs: GuardSession) -> LettaConversation:
+        conv = gs.userdata.get(CONVERSATION_KEY)
+        if not isinstance(conv, LettaConversation):
+            raise RuntimeError(
+                "this session has no Letta conversation: call LettaSessions.install(guard, ...) before registering "
+                "the start hook that calls llm_for()"
+            )
+        return conv
+
+    def llm_for(self, gs: GuardSession) -> LettaLLM:
+        """An `llm.LLM` that talks in the session's conversation (one per AgentSession is fine: they share it)."""
+        return LettaLLM(conversation=self.conversation(gs))
+
+    def bind_agent_session(self, gs: GuardSession, agent_session: AgentSession[Any]) -> None:
+        """Wire an AgentSession of this session's current connection:
+
+        - a failed Letta turn (down, slow, refusing) is answered with `options.apology`, spoken and not added to
+          the chat history (so it does not count as a successful reply: the guard's error breaker, fed by
+          `session_guard.bind_agent_session`, counts the failure);
+        - when the user starts speaking, a stale memory block cache is refreshed in the background, so the turn
+          does not wait for it.
+
+        Unbound when the connection stops."""
+        conv = self.conversation(gs)
+        opts = self._opts
+
+        def on_error(ev: ErrorEvent) -> None:
+            source = ev.source
+            if not isinstance(source, LettaLLM) or source.conversation is not conv:
+                return
+            if getattr(ev.error, "recoverable", False) or not opts.apology:
+                return
+            try:
+                agent_session.say(opts.apology, allow_interruptions=True, add_to_chat_ctx=False)
+            except RuntimeError as e:  # the AgentSession is closing: nobody to apologise to
+                lf.debug("apology not spoken", error=str(e), identity=gs.identity)
+            else:
+                lf.info(
+                    "Letta turn failed: apology spoken",
+                    room=gs.room_name,
+                    identity=gs.identity,
+                    error=str(getattr(ev.error, "error", ev.error)),
+                )
+
+        def on_user_state(ev: UserStateChangedEvent) -> None:
+            if ev.new_state == "speaking":
+                conv.check_memory_soon()
+
+        agent_session.on("error", on_error)
+        agent_session.on("user_state_changed", on_user_state)
+
+        async def hold() -> None:
+            try:
+                await _forever()
+            finally:
+                agent_session.off("error", on_error)
+                agent_session.off("user_state_changed", on_user_state)
+
+        gs.connection.scope.spawn(hold(), name="letta-agent-session-binding")
+
+    # -- job end
+
+    async def aclose(self) -> None:
+        """End of the job: wait for the guard's sessions to end (their end hooks queue retirements), make a last
+        attempt at what is pending within `options.close_timeout`, log the rest as errors, stop background work.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._guard is not None:
+            await self._guard.aclose()  # idempotent; waits if it is already closing
+        left = await self._retirements.aclose(self._opts.close_timeout)
+        result = await self._scope.aclose(1.0)
+        lf.log(
+            logging.ERROR if left else logging.INFO,
+            "closed",
+            pending=len(left),
+            leaked=len(result.leaked),
+            **self._backend.stats.as_dict(),
+            block_fetches=self.cache.stats.fetches,
+            block_cache_hits=self.cache.stats.hits,
+        )
+
+
+async def _forever() -> None:
+    import asyncio
+
+    await asyncio.Event().wait()
