@@ -24,7 +24,7 @@ from letta_client import APIConnectionError as LettaConnectionError
 from letta_client import AsyncLetta
 from letta_client import NotFoundError as LettaNotFoundError
 from livekit import rtc
-from livekit.agents import JobContext, JobProcess, cli, llm
+from livekit.agents import AgentServer, JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 
@@ -70,6 +70,16 @@ server = sg.SessionGuardServer(
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
+if SETTINGS.max_jobs is not None:
+    # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
+    # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
+    # CPU crosses that while the worker is idle, and dispatches are dropped without a word.
+    max_jobs = SETTINGS.max_jobs
+
+    def job_count_load(srv: AgentServer) -> float:
+        return min(1.0, len(srv.active_jobs) / max_jobs)
+
+    server.load_fnc = job_count_load
 
 
 async def resolve_agent_id(ctx: JobContext, client: AsyncLetta) -> str:

@@ -84,7 +84,9 @@ class Settings:
     reconnect_window: float
     greeting: str
     load_threshold: float | None = None
-    """Worker load (0-1 CPU) above which it takes no new jobs; None: the framework's default (0.7 in `start`)."""
+    """Worker load above which it takes no new jobs; None: the framework's default (0.7 in `start`)."""
+    max_jobs: int | None = None
+    """When set, the worker reports its load as active jobs / max_jobs instead of machine CPU."""
 
     @property
     def stt_tts_base_url(self) -> str | None:
@@ -137,4 +139,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconnect_window=_float(env, "SG_RECONNECT_WINDOW", 30.0),
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
         load_threshold=_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
+        max_jobs=_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
     )

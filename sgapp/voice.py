@@ -48,10 +48,11 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
         },
         # The session guard owns idleness; the framework's "away" state is only informational.
         user_away_timeout=None,
-        # On close the framework waits this long for a last STT transcript. The connection closes because the
-        # user left or the session ended: there is no more speech coming, and the default (2 s) was measured as
-        # the whole of a hang-up's cleanup time.
-        session_close_transcript_timeout=0.3,
+        # On close the framework waits this long for a last STT transcript (default 2 s). A connection closes because
+        # the user left, dropped or the session ended: no more speech is coming, and the wait sits on the resume path
+        # (the old connection closes before the new one starts). Measured: hang-up cleanup 2.03 s -> 0.32 s (0.3 s)
+        # -> see docs/benchmarks.md (0).
+        session_close_transcript_timeout=0.0,
     )
 
 
