@@ -6,23 +6,25 @@
 Composition only; the behaviour lives in the plugins:
 - `livekit.plugins.session_guard`: one session per human identity, reconnect window, exactly-once cleanup, limits,
   graceful shutdown, `/sessions` on the worker's health port;
-- `livekit.plugins.letta`: the Letta agent as the LLM, one Letta conversation per voice session;
+- `livekit.plugins.letta`: the Letta agent as the LLM, one Letta conversation per voice session (kept on a resume,
+  retired at the end, retried later if Letta is down), the job's memory block cache;
 - `sgapp`: settings, provider selection, Letta admin, one AgentSession per (re)connection.
+
+Letta settings read here (besides sgapp.config): SG_LETTA_JOURNAL_DIR (where live conversations are journaled until
+retired, so a later job retires what a crashed one left; default ~/.local/state/session-guard/letta-journal, "off"
+disables it), SG_LETTA_END_SUMMARY=1 (write a summary of each session to the agent's archival memory).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from letta_client import APIConnectionError as LettaConnectionError
-from letta_client import AsyncLetta
-from letta_client import NotFoundError as LettaNotFoundError
 from livekit import rtc
 from livekit.agents import AgentServer, JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
@@ -31,7 +33,7 @@ from livekit.plugins import session_guard as sg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
-from sgapp.letta_admin import find_agent_by_name, make_client, validate_agent
+from sgapp.letta_admin import find_agent_by_name, make_client
 from sgapp.providers import build_voice, describe, load_vad
 from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
@@ -48,11 +50,15 @@ except ConfigError as e:
 if not os.environ.get(sg.STATE_DIR_ENV):
     os.environ[sg.STATE_DIR_ENV] = tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-")
 
-CONVERSATION_KEY = "letta.conversation_id"
-AGENT_KEY = "letta.agent_id"
-AGENT_ATTRIBUTE = "letta.agent_id"
-"""A participant attribute that picks the Letta agent for that participant's session (the dispatch metadata picks
-the room's default)."""
+
+def letta_options() -> letta_plugin.LettaOptions:
+    journal = os.environ.get("SG_LETTA_JOURNAL_DIR", "").strip() or str(
+        Path.home() / ".local" / "state" / "session-guard" / "letta-journal"
+    )
+    return letta_plugin.LettaOptions(
+        journal_dir=None if journal.lower() == "off" else journal,
+        end_summary=os.environ.get("SG_LETTA_END_SUMMARY", "").strip().lower() in ("1", "true", "yes"),
+    )
 
 
 def prewarm(proc: JobProcess) -> None:
@@ -82,92 +88,74 @@ if SETTINGS.max_jobs is not None:
     server.load_fnc = job_count_load
 
 
-async def resolve_agent_id(ctx: JobContext, client: AsyncLetta) -> str:
-    """The Letta agent for this room: the dispatch metadata (set by the token server), else the configured default.
+async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> str:
+    """The Letta agent of this room: the dispatch metadata (set by the token server), else LETTA_AGENT_ID, else the
+    agent named LETTA_AGENT_NAME. Validated against the Letta server when it answers.
 
-    Raises LookupError with a message naming what is wrong.
+    Raises LettaConfigError naming what is wrong (malformed metadata, unknown agent, no agent configured).
     """
-    agent_id: str | None = None
-    raw = (ctx.job.metadata or "").strip()
-    if raw:
+    agent_id = letta_plugin.agent_id_from_metadata(ctx.job.metadata) or SETTINGS.letta_agent_id
+    if agent_id is None:
         try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise LookupError(f"the dispatch metadata is not JSON: {raw[:200]!r}") from None
-        if isinstance(meta, dict) and meta.get("letta_agent_id"):
-            agent_id = str(meta["letta_agent_id"])
-    if agent_id is None:
-        agent_id = SETTINGS.letta_agent_id
-    if agent_id is None:
-        agent_id = await find_agent_by_name(client, SETTINGS.letta_agent_name)
+            async with asyncio.timeout(letta.options.request_timeout):
+                agent_id = await find_agent_by_name(letta.backend.client, SETTINGS.letta_agent_name)
+        except Exception as e:
+            raise letta_plugin.LettaConfigError(
+                f"the dispatch names no Letta agent and looking up {SETTINGS.letta_agent_name!r} at "
+                f"{letta.base_url} failed: {e!r}"
+            ) from e
         if agent_id is None:
-            raise LookupError(
+            raise letta_plugin.LettaConfigError(
                 f"no Letta agent named {SETTINGS.letta_agent_name!r} (run `python -m sgapp.bootstrap`, "
                 "or set LETTA_AGENT_ID)"
             )
-    await validate_agent(client, agent_id)
+    try:
+        await letta.validate_agent(agent_id)
+    except letta_plugin.LettaUnavailableError as e:
+        # Letta is down or slow: serve the room anyway (turns apologise until it answers; retirements wait for it).
+        logger.warning(
+            "[SESSION] Letta agent %s not validated (%s): starting anyway",
+            agent_id,
+            e,
+            extra={"room": ctx.room.name, "agent_id": agent_id},
+        )
     return agent_id
 
 
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
-    ctx.add_shutdown_callback(client.close)
+    letta = letta_plugin.LettaSessions(client, letta_options())
+
+    async def close_letta(_: str) -> None:
+        await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
+        await client.close()
+
+    ctx.add_shutdown_callback(close_letta)
     try:
-        agent_id = await resolve_agent_id(ctx, client)
-    except (LookupError, LettaConnectionError) as e:
+        agent_id = await room_agent_id(ctx, letta)
+    except letta_plugin.LettaConfigError as e:
         logger.error("[SESSION] cannot serve room %s: %s", ctx.room.name, e, extra={"room": ctx.room.name})
-        ctx.shutdown(reason=f"bad Letta agent: {e}")
+        ctx.shutdown(reason=f"bad Letta configuration: {e}")
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     ctx.add_shutdown_callback(voice.aclose)
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
     chat = sg.ChatRouter(ctx.room)
 
-    validated = {agent_id}
-
-    async def session_agent(gs: sg.GuardSession) -> str:
-        """The participant's `letta.agent_id` attribute if it names a valid agent, else the room's agent."""
-        wanted = (gs.participant.attributes.get(AGENT_ATTRIBUTE, "") if gs.participant else "").strip()
-        if not wanted or wanted in validated:
-            return wanted or agent_id
-        try:
-            await validate_agent(client, wanted)
-        except LookupError as e:
-            logger.warning(
-                "[SESSION] participant attribute %s: %s; using %s",
-                AGENT_ATTRIBUTE,
-                e,
-                agent_id,
-                extra={"room": gs.room_name, "identity": gs.identity},
-            )
-            return agent_id
-        validated.add(wanted)
-        return wanted
+    # Before the app's own hooks: the session's conversation exists when on_start asks for its LLM.
+    letta.install(guard, agent_id_for=lambda gs: agent_id)
 
     async def start_connection_for(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
-        """A new AgentSession for this connection; the binding closes it when the connection stops."""
-        letta_llm = letta_plugin.LettaLLM(
-            client=client, agent_id=gs.userdata[AGENT_KEY], conversation_id=gs.userdata[CONVERSATION_KEY]
-        )
-        agent_session = make_agent_session(voice, letta_llm)
-        sg.bind_agent_session(gs, agent_session)
+        """A new AgentSession for this connection; the bindings close it when the connection stops."""
+        agent_session = make_agent_session(voice, letta.llm_for(gs))
+        sg.bind_agent_session(gs, agent_session)  # activity, the error breaker, notices
+        letta.bind_agent_session(gs, agent_session)  # a spoken apology when Letta fails
         await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
         chat.set_target(gs.identity, agent_session)
 
     @guard.on_session_start
     async def on_start(gs: sg.GuardSession) -> None:
-        # A start whose hooks were cancelled part-way runs again on the next connection: reuse what it made.
-        if CONVERSATION_KEY not in gs.userdata:
-            gs.userdata[AGENT_KEY] = await session_agent(gs)
-            conversation = await client.conversations.create(agent_id=gs.userdata[AGENT_KEY])
-            gs.userdata[CONVERSATION_KEY] = conversation.id
-            logger.info(
-                "[SESSION] new Letta conversation %s for %s",
-                conversation.id,
-                gs.identity,
-                extra={"room": gs.room_name, "identity": gs.identity, "conversation_id": conversation.id},
-            )
         await start_connection_for(gs, None, SETTINGS.greeting)
 
     @guard.on_session_resume
@@ -176,18 +164,7 @@ async def entrypoint(ctx: JobContext) -> None:
 
     @guard.on_session_end
     async def on_end(gs: sg.GuardSession, reason: sg.EndReason) -> None:
-        chat.forget(gs.identity)
-        conversation_id = gs.userdata.get(CONVERSATION_KEY)
-        if conversation_id:
-            # Retire the session's in-context history; the agent's memory blocks and archival memory stay.
-            try:
-                await client.conversations.delete(conversation_id)
-            except LettaNotFoundError:
-                logger.info(
-                    "[CLEANUP] conversation %s was already gone",
-                    conversation_id,
-                    extra={"room": gs.room_name, "identity": gs.identity},
-                )
+        chat.forget(gs.identity)  # the Letta plugin's end hook (registered first, runs last) retires the conversation
 
     @guard.on_last_human_gone
     async def on_last_human_gone() -> None:
@@ -228,7 +205,30 @@ async def entrypoint(ctx: JobContext) -> None:
     )
 
 
+async def check_letta() -> None:
+    """At worker start: a wrong LETTA_BASE_URL, or a LETTA_AGENT_ID the server does not have, fails here with a
+    message naming it, not later in every job."""
+    client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
+    letta = letta_plugin.LettaSessions(client, letta_plugin.LettaOptions())
+    try:
+        version = await letta.check_server()
+        if SETTINGS.letta_agent_id:
+            await letta.validate_agent(SETTINGS.letta_agent_id)
+    except letta_plugin.LettaUnavailableError as e:
+        raise letta_plugin.LettaConfigError(str(e)) from e
+    finally:
+        await letta.aclose()
+        await client.close()
+    logger.info("Letta %s at %s", version, SETTINGS.letta_base_url)
+
+
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
         logger.info(describe(SETTINGS))
+        if len(sys.argv) > 1 and sys.argv[1] in ("start", "dev", "connect", "console"):
+            try:
+                asyncio.run(check_letta())
+            except letta_plugin.LettaConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
         cli.run_app(server)

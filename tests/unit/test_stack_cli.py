@@ -94,3 +94,23 @@ def test_env_prints_exports_for_the_profile(profile_env: dict[str, str]) -> None
     assert lines["SG_PROFILE"] == "'test'"
     assert lines["LIVEKIT_URL"] == f"'ws://127.0.0.1:{profile_env['SG_TEST_LIVEKIT_PORT']}'"
     assert lines["SG_PROVIDER"] == "'test'"
+
+
+def test_stop_and_start_of_one_service_name_unknown_services(profile_env: dict[str, str]) -> None:
+    for cmd in ("stop", "start"):
+        r = run(profile_env, cmd, "nginx")
+        assert r.returncode == 2
+        assert "unknown service 'nginx'" in r.stderr and "letta" in r.stderr
+
+
+def test_stop_of_a_service_that_is_not_running_is_a_no_op(profile_env: dict[str, str]) -> None:
+    r = run(profile_env, "stop", "letta")
+    assert r.returncode == 0, r.stderr
+    assert "letta" in r.stdout and "not running" in r.stdout
+
+
+def test_start_of_one_service_refuses_a_port_in_use(profile_env: dict[str, str], busy_listener: int) -> None:
+    profile_env["SG_TEST_PROVIDER_PORT"] = str(busy_listener)
+    r = run(profile_env, "start", "provider")
+    assert r.returncode == 2
+    assert f"port {busy_listener} for provider is already in use" in r.stderr

@@ -219,10 +219,12 @@ class FakeLetta:
 
     # -- agents
 
-    async def _agents_retrieve(self, agent_id: str, timeout: float | None = None) -> Any:
+    async def _agents_retrieve(self, agent_id: str, include: Any = None, timeout: float | None = None) -> Any:
         await self._enter("agents.retrieve", "GET", f"/v1/agents/{agent_id}", agent_id)
         agent = self._agent(agent_id, "GET", f"/v1/agents/{agent_id}")
-        return SimpleNamespace(id=agent_id, name=agent["name"], blocks=list(agent["blocks"]))
+        # like Letta: relationships (the blocks) only when asked for
+        blocks = list(agent["blocks"]) if include and "agent.blocks" in include else []
+        return SimpleNamespace(id=agent_id, name=agent["name"], blocks=blocks)
 
     async def _blocks_list(self, agent_id: str, timeout: float | None = None) -> Any:
         await self._enter("blocks.list", "GET", f"/v1/agents/{agent_id}/core-memory/blocks", agent_id)

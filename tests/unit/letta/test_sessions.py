@@ -200,6 +200,9 @@ async def test_validation_names_the_unknown_agent_and_primes_the_cache(fake: Fak
     assert await letta.validate_agent(agent) == "my-agent"
     assert fake.count("agents.retrieve") == 1
     assert agent in letta.cache
+    cached = letta.cache.peek(agent)
+    assert cached is not None and cached.value("human") == "Nothing known."
+    assert (await letta.cache.get(agent)).fingerprint == cached.fingerprint and fake.count("blocks.list") == 0
     with pytest.raises(LettaConfigError, match="has no agent 'agent-missing'"):
         await letta.validate_agent("agent-missing")
     fake.down = True

@@ -147,7 +147,8 @@ class LettaSessions:
         read_at = time.monotonic()
         try:
             agent = await b.call(
-                f"looking up agent {agent_id}", lambda t: b.client.agents.retrieve(agent_id, timeout=t)
+                f"looking up agent {agent_id}",
+                lambda t: b.client.agents.retrieve(agent_id, include=["agent.blocks"], timeout=t),
             )
         except LettaUnavailableError:
             raise
@@ -321,8 +322,9 @@ class LettaSessions:
             await self._guard.aclose()  # idempotent; waits if it is already closing
         left = await self._retirements.aclose(self._opts.close_timeout)
         result = await self._scope.aclose(1.0)
+        busy = left or self._backend.stats.turns or self._backend.stats.conversations_created
         lf.log(
-            logging.ERROR if left else logging.INFO,
+            logging.ERROR if left else logging.INFO if busy else logging.DEBUG,
             "closed",
             pending=len(left),
             leaked=len(result.leaked),
