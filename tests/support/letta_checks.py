@@ -47,7 +47,7 @@ def block_value(letta: Letta, agent_id: str, label: str = "human") -> str:
 
 def user_messages(letta: Letta, conversation_id: str) -> list[str]:
     page = letta.conversations.messages.list(conversation_id, order="asc", limit=100)
-    return [str(m.content) for m in page if getattr(m, "message_type", "") == "user_message"]
+    return [str(getattr(m, "content", "")) for m in page if getattr(m, "message_type", "") == "user_message"]
 
 
 def model_request(stack: Stack, agent_id: str, text: str) -> dict[str, Any] | None:
@@ -59,7 +59,8 @@ def model_request(stack: Stack, agent_id: str, text: str) -> dict[str, Any] | No
             continue
         turns = r.get("user_turns") or []
         if turns and turns[-1] == text:
-            return r
+            found: dict[str, Any] = r
+            return found
     return None
 
 
