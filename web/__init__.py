@@ -1,0 +1,1 @@
+"""The selector page and its token server (`python web/server.py`)."""
