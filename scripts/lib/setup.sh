@@ -22,7 +22,8 @@ LIVEKIT_SERVER_VERSION=v1.13.5
 LK_CLI_VERSION=v2.18.2
 LETTA_VERSION=0.16.8
 PGSERVER_VERSION=0.1.4
-APT_PACKAGES=(espeak-ng sox)
+# chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
+APT_PACKAGES=(espeak-ng sox chromium)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"
