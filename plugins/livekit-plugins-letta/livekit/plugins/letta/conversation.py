@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from letta_client import APIConnectionError, APIStatusError, omit
 from livekit.plugins.session_guard import ScopeClosedError, TaskScope
 
@@ -349,7 +350,7 @@ class LettaConversation:
         first_at: float | None = None
         run_id: str | None = None
         stream: Any = None
-        sent = completed = acquired = handed_off = False
+        sent = completed = acquired = handed_off = cut = False
         memory_changed = recompiled = False
         tool_names: dict[str, str] = {}
         pieces: list[str] = []
@@ -368,6 +369,10 @@ class LettaConversation:
                     except APIStatusError as e:
                         if 400 <= e.status_code < 500:
                             sent = False  # refused: nothing reached the agent
+                        raise
+                    except APIConnectionError as e:
+                        if isinstance(e.__cause__, httpx.ConnectError):
+                            sent = False  # no connection: nothing was sent
                         raise
                     async for event in stream:
                         kind = getattr(event, "message_type", None)
@@ -423,6 +428,7 @@ class LettaConversation:
                     f"cannot reach Letta at {b.base_url}: {short_detail(e.__cause__ or e)}"
                 ) from e
         except asyncio.CancelledError:
+            cut = True  # the user interrupted or left: not a failure
             if sent and not completed:
                 b.stats.interrupted_turns += 1
             raise
@@ -440,7 +446,7 @@ class LettaConversation:
                     handed_off = self._hand_off(self._refresh_memory(), "recompile")
             if acquired and not handed_off:
                 self._lock.release()
-            if not completed:
+            if not completed and not cut:
                 b.stats.turn_errors += 1
             lf.debug(
                 "turn",

@@ -1,0 +1,149 @@
+"""Letta stopped in the middle of live sessions, then started again (`scripts/stack --profile test stop|start letta`;
+a fixture always brings it back, other tests share it).
+
+While Letta is down: a turn gets a short spoken apology at once; a hang-up ends its session within the usual bounds
+(its conversation's retirement is deferred, not lost); a job whose last human leaves ends within bounds and logs the
+retirement it could not do, with its ids, leaving it in the journal. Once Letta is back: the surviving session goes
+on in the same conversation, and the deferred retirements complete (the in-process retry, and the journal entry of
+the ended job, taken over by a live job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from letta_client import Letta
+from livekit.plugins.letta import DEFAULT_APOLOGY
+
+from tests.integration.conftest import Stack, WorkerProc
+from tests.support.human import Human
+from tests.support.letta_checks import (
+    conversations,
+    find_line,
+    log_lines,
+    new_identity,
+    new_room,
+    user_messages,
+    wait_for,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+BOUND = 5.0
+"""A turn's apology, a session's end: well within the guard's own bounds (hook 10 s, shutdown 10 s)."""
+
+
+class LettaControl:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def _stack(self, *args: str) -> None:
+        r = subprocess.run(
+            [str(ROOT / "scripts" / "stack"), "--profile", "test", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode == 0, f"scripts/stack {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.stack.letta_url + "/v1/health/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self._stack("stop", "letta")
+        assert not self.healthy()
+
+    def start(self) -> None:
+        self._stack("start", "letta")
+        assert self.healthy()
+
+
+@pytest.fixture
+def letta_control(stack: Stack) -> Iterator[LettaControl]:
+    ctl = LettaControl(stack)
+    try:
+        yield ctl
+    finally:
+        if not ctl.healthy():
+            ctl.start()  # always: the rest of the suite needs it
+
+
+async def test_letta_stopped_mid_session_then_started_again(
+    stack: Stack, worker: WorkerProc, letta_sync: Letta, letta_agent: str, letta_control: LettaControl
+) -> None:
+    room = new_room()
+    alice = Human(stack.info, room_name=room, identity=new_identity("alice"), letta_agent_id=letta_agent)
+    bob = Human(stack.info, room_name=room, identity=new_identity("bob"), letta_agent_id=letta_agent)
+    carol = Human(stack.info, identity=new_identity("carol"), letta_agent_id=letta_agent)  # a room (job) of her own
+    humans = [alice, bob, carol]
+    for h in humans:
+        await h.join()
+    try:
+        for h in humans:
+            await h.wait_for_agent()
+        for h in humans:
+            assert "(turn 1)" in await h.ask(f"{h.identity} before", expect=f"{h.identity} before")
+        owners = {user_messages(letta_sync, c)[0].split()[0]: c for c in conversations(letta_sync, letta_agent)}
+        assert set(owners) == {alice.identity, bob.identity, carol.identity}
+
+        async def gone(h: Human) -> bool:
+            doc = await asyncio.to_thread(stack.sessions)
+            return not [s for s in doc["sessions"] if s["identity"] == h.identity and s["room"] == h.room_name]
+
+        await asyncio.to_thread(letta_control.stop)
+        try:
+            t0 = time.monotonic()
+            assert await bob.ask(f"{bob.identity} during", expect=DEFAULT_APOLOGY) == DEFAULT_APOLOGY
+            assert time.monotonic() - t0 < BOUND, "the apology came late"
+
+            t0 = time.monotonic()
+            await alice.hang_up()
+            await wait_for(lambda: gone(alice), BOUND, "alice's session to end while Letta is down", interval=0.1)
+            print(f"alice's session ended {time.monotonic() - t0:.2f} s after her hang-up, Letta down")
+
+            await carol.hang_up()  # the last human of her room: the job ends with her retirement pending
+
+            async def reported() -> bool:
+                line = find_line(
+                    log_lines(worker, carol.room_name),
+                    "[LETTA] retirement still pending at job end",
+                    f"conversation_id={owners[carol.identity]}",
+                )
+                return line is not None
+
+            await wait_for(reported, 20, "carol's job to end and report the pending retirement")
+            ended = find_line(log_lines(worker, carol.room_name), "[LETTA] retirement still pending at job end")
+            assert ended is not None and "left in the journal" in ended["message"] and ended["level"] == "ERROR"
+        finally:
+            await asyncio.to_thread(letta_control.start)
+
+        # Letta is back: bob goes on in the same conversation; the failed turn never reached it.
+        assert await bob.ask(f"{bob.identity} after", expect=f"{bob.identity} after") == (
+            f"You said: {bob.identity} after. (turn 2)"
+        )
+
+        async def only_bob_left() -> bool:
+            return conversations(letta_sync, letta_agent) == [owners[bob.identity]]
+
+        await wait_for(only_bob_left, 30, "alice's and carol's deferred retirements to complete")
+        lines = log_lines(worker, room)
+        deferred = find_line(lines, "[LETTA] retirement deferred", f"conversation_id={owners[alice.identity]}")
+        assert deferred is not None
+        retired = find_line(lines, "[LETTA] conversation retired", f"conversation_id={owners[alice.identity]}")
+        assert retired is not None
+    finally:
+        for h in humans:
+            await h.hang_up()
+
+    async def none_left() -> bool:
+        return not conversations(letta_sync, letta_agent)
+
+    await wait_for(none_left, 15, "every conversation to be retired")
