@@ -40,6 +40,12 @@ class Counter:
         return [r for r in self.requests[mark:] if part in r]
 
 
+def session(guard: SessionGuard, identity: str) -> GuardSession:
+    gs = guard.get(identity)
+    assert gs is not None, f"no session for {identity}"
+    return gs
+
+
 async def say(letta: LettaSessions, gs: GuardSession | None, text: str) -> str:
     assert gs is not None
     ctx = llm.ChatContext.empty()
@@ -80,7 +86,7 @@ async def test_resume_asks_letta_nothing_and_the_cache_serves_the_jobs_sessions(
         mark = counter.mark()
         alice = room.add("alice")
         await settle(guard)
-        await letta.conversation(guard.get("alice")).wait_created()
+        await letta.conversation(session(guard, "alice")).wait_created()
         assert counter.since(mark) == ["GET /v1/conversations/", "POST /v1/conversations/"]
         assert await say(letta, guard.get("alice"), "hello") == "You said: hello. (turn 1)"
 
@@ -90,7 +96,7 @@ async def test_resume_asks_letta_nothing_and_the_cache_serves_the_jobs_sessions(
         mark = counter.mark()
         alice = room.add("alice")
         await settle(guard)
-        assert guard.get("alice").resumes == 1
+        assert session(guard, "alice").resumes == 1
         assert counter.since(mark) == [], "the resume asked Letta something"
         # A turn right after (the cache is younger than block_max_age): only the message.
         assert await say(letta, guard.get("alice"), "again") == "You said: again. (turn 2)"
@@ -100,7 +106,7 @@ async def test_resume_asks_letta_nothing_and_the_cache_serves_the_jobs_sessions(
         mark = counter.mark()
         room.add("bob")
         await settle(guard)
-        await letta.conversation(guard.get("bob")).wait_created()
+        await letta.conversation(session(guard, "bob")).wait_created()
         assert counter.since(mark) == ["POST /v1/conversations/"]
         assert letta.cache.stats.fetches == 0 and letta.cache.stats.hits >= 2
 

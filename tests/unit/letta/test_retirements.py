@@ -200,3 +200,19 @@ async def test_a_failed_reset_frees_the_agent_and_is_superseded_by_the_next_sess
     assert fake.agent_history[agent] == [("user", "bob"), ("assistant", "You said: bob. (turn 1)")]
     bob.release_lease()
     await r.aclose(0.5)
+
+
+async def test_retire_keeps_to_its_budget_when_letta_hangs(fake: FakeLetta, scope: TaskScope) -> None:
+    agent = fake.add_agent()
+    r = Retirements(make_backend(fake, scope, request_timeout=5.0))
+    conv = await new_conversation(fake, r, None, scope, agent)
+    fake.hang = True
+    t0 = time.monotonic()
+    assert not await r.retire(conv, budget=0.3)
+    assert time.monotonic() - t0 < 0.5
+    assert [p.conversation_id for p in r.pending] == [conv.conversation_id]
+    fake.hang = False
+    r.kick()
+    await wait_until(lambda: not r.pending, timeout=6)
+    assert fake.convs == {}
+    await r.aclose(0.5)

@@ -74,14 +74,22 @@ class Retirements:
     # -- adding work
 
     async def retire(self, conv: LettaConversation, *, reason: str = "", budget: float | None = None) -> bool:
-        """Retire a session's conversation now if Letta answers, else later. True if done now."""
-        opts = self._b.options
+        """Retire a session's conversation now if Letta answers within `budget` (default: the request timeout),
+        else later (the worker, or the journal). True if done now. Never takes much longer than `budget`."""
+        loop = asyncio.get_running_loop()
+        budget = budget if budget is not None else self._b.options.request_timeout
+        deadline = loop.time() + budget
         self.start()
-        await conv.close_for_retirement(min(opts.request_timeout, budget or opts.request_timeout))
+        await conv.close_for_retirement(budget / 2)
         item = self.add_for(conv, reason=reason)
         if item is None:
             return True
-        return await self.attempt(item)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.attempt(item)
+        except TimeoutError:
+            lf.info("retirement goes on in the background (Letta is slow)", **item.ids())
+            return False
 
     def add_for(self, conv: LettaConversation, *, reason: str = "") -> PendingRetirement | None:
         """Record what retiring `conv` takes (nothing if it never got a conversation)."""
