@@ -10,7 +10,7 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     agent: $("agent"), agentDesc: $("agent-desc"), connect: $("connect"), disconnect: $("disconnect"),
-    mute: $("mute"), enableAudio: $("enable-audio"), level: $("level"), note: $("note"),
+    mute: $("mute"), enableAudio: $("enable-audio"), level: $("level"), levelLabel: $("level-label"), note: $("note"),
     statusBox: $("status-box"), status: $("status"), transcript: $("transcript"), empty: $("empty"),
     chat: $("chat"), message: $("message"), send: $("send"), audio: $("audio"),
     dRoom: $("d-room"), dIdentity: $("d-identity"), dAgent: $("d-agent"), dHealth: $("d-health"),
@@ -403,6 +403,9 @@
     conn.room.removeAllListeners();
     el.audio.replaceChildren();
     el.enableAudio.hidden = true;
+    el.mute.setAttribute("aria-pressed", "false");
+    el.mute.textContent = "Mute mic";
+    el.levelLabel.textContent = "Mic";
   }
 
   const R = () => LK.DisconnectReason;
@@ -579,6 +582,7 @@
     conn.muted = !conn.muted;
     el.mute.setAttribute("aria-pressed", String(conn.muted));
     el.mute.textContent = conn.muted ? "Unmute mic" : "Mute mic";
+    el.levelLabel.textContent = conn.muted ? "Mic (muted)" : "Mic";
     el.level.value = 0;
     try { await conn.room.localParticipant.setMicrophoneEnabled(!conn.muted); } catch (e) {
       note(`Microphone problem: ${e?.message ?? e}`);
