@@ -147,3 +147,28 @@ async def test_letta_stopped_mid_session_then_started_again(
         return not conversations(letta_sync, letta_agent)
 
     await wait_for(none_left, 15, "every conversation to be retired")
+
+
+async def test_a_model_failing_inside_letta_gets_the_apology_and_the_session_goes_on(
+    stack: Stack, worker: WorkerProc, letta_sync: Letta, letta_agent: str
+) -> None:
+    """Letta up, its model provider failing: Letta retries 3 times, then ends the run with an error event."""
+    config = stack.provider_url.removesuffix("/v1") + "/_test/config"
+    human = Human(stack.info, letta_agent_id=letta_agent)
+    await human.join()
+    try:
+        await human.wait_for_agent()
+        await human.next_reply()
+        assert await human.ask("one") == "You said: one. (turn 1)"
+        async with httpx.AsyncClient(timeout=5) as http:
+            (await http.post(config, json={"fail_next": {"count": 3, "status": 500}})).raise_for_status()
+            try:
+                assert await human.ask("two", timeout=20) == DEFAULT_APOLOGY
+            finally:
+                await http.post(config, json={"fail_next": None})
+        # a failed run keeps no message: the conversation goes on as if "two" was never said
+        assert await human.ask("three") == "You said: three. (turn 2)"
+    finally:
+        await human.hang_up()
+    lines = log_lines(worker, human.room_name)
+    assert find_line(lines, "[LETTA] Letta turn failed: apology spoken", "Letta error in the stream")

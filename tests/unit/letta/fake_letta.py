@@ -79,9 +79,14 @@ class FakeStream:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[Any]:
+        fail = self._server.stream_error
+        self._server.stream_error = None
         while self._i < len(self._events):
             ev = self._events[self._i]
             self._i += 1
+            if fail is not None and self._i > 3:
+                self.run.status, self.run.stop_reason = "failed", "llm_api_error"
+                raise status_error(200, fail, "POST", "/v1/conversations/x/messages")
             if self._server.token_delay and getattr(ev, "message_type", "") == "assistant_message":
                 await asyncio.sleep(self._server.token_delay)
             if self.run.status == "cancelled":
@@ -120,6 +125,9 @@ class FakeLetta:
         self.busy_409 = False
         """Answer 409 to a message while a run of the same conversation is running (Letta with Redis)."""
         self.fail_next: dict[str, list[int]] = {}
+        self.stream_error: str | None = None
+        """The next run fails after its first words with an SSE `event: error` (the SDK raises a status error with
+        the stream's status, 200), like a run whose model provider gave up."""
         self.overlaps = 0
         self.max_retries_seen: list[int] = []
         self._tails: set[asyncio.TimerHandle] = set()

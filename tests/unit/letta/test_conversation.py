@@ -257,3 +257,16 @@ async def test_without_conversations_api_sessions_on_one_agent_take_turns(fake: 
     assert await say(second, "bob here") == "You said: bob here. (turn 1)", "bob sees alice's turns"
     assert fake.count("agents.reset") == 2
     assert fake.count("conversations.create") == 0 and fake.count("conversations.list") == 1  # probed once
+
+
+async def test_an_error_event_in_the_stream_fails_the_turn_and_the_next_one_works(
+    fake: FakeLetta, scope: TaskScope
+) -> None:
+    agent = fake.add_agent()
+    conv = LettaConversation(make_backend(fake, scope), agent, scope=scope)
+    await conv.ensure()
+    fake.stream_error = "An error occurred with the LLM request."
+    with pytest.raises(LettaTurnError, match="Letta error in the stream: An error occurred"):
+        await say(conv, "hello")
+    await idle(conv)
+    assert await say(conv, "again") == "You said: again. (turn 1)"

@@ -412,6 +412,9 @@ class LettaConversation:
                 bound = opts.first_token_timeout if first_at is None else opts.total_timeout
                 raise LettaTimeoutError(f"Letta {phase} timed out after {bound:.1f} s") from None
             except APIStatusError as e:
+                if e.status_code < 400:
+                    # an `event: error` inside a 200 stream (the run failed, e.g. the model provider gave up)
+                    raise LettaTurnError(f"Letta error in the stream: {short_detail(e)}") from e
                 if is_not_found(e):
                     raise LettaTurnError(
                         f"Letta no longer has conversation {self._conversation_id}", status_code=404

@@ -86,7 +86,7 @@ class JournalHandle:
 
 class RetirementJournal:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser()
 
     def _path(self, conversation_id: str) -> Path:
         return self.directory / f"conv-{_SAFE.sub('_', conversation_id.removeprefix('conv-'))}.json"
