@@ -103,8 +103,11 @@ class SnapshotPublisher:
     async def run(self) -> None:
         """The debounce loop: at most one write per ``debounce``, at least one per ``interval``."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=self._interval)
+            # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation that arrives as the event
+            # is set, and the task then outlives its scope (seen as a leaked snapshot_publisher at job shutdown).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._dirty.wait()
             self._dirty.clear()
             self.write_now()
             await asyncio.sleep(self._debounce)
