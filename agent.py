@@ -196,6 +196,29 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     chat.attach()
     guard.attach()
+
+    def no_show() -> None:
+        # Dispatched to a room whose user left before we joined (Connect, then Disconnect at once): no session will
+        # ever start, so last-human-gone never fires; without this the job would wait for LiveKit's departure
+        # timeout (60 s) in an empty room.
+        if guard.snapshot()["totals"]["started"] == 0 and not any(
+            p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values()
+        ):
+            logger.info(
+                "[SHUTDOWN] no human joined room %s within %.0f s: deleting it and ending the job",
+                ctx.room.name,
+                SETTINGS.no_show_timeout,
+                extra={"room": ctx.room.name},
+            )
+            ctx.delete_room()
+            ctx.shutdown(reason="no human joined")
+
+    no_show_timer = asyncio.get_running_loop().call_later(SETTINGS.no_show_timeout, no_show)
+
+    async def cancel_no_show() -> None:
+        no_show_timer.cancel()
+
+    ctx.add_shutdown_callback(cancel_no_show)
     logger.info(
         "[SESSION] room %s ready: Letta agent %s; %s",
         ctx.room.name,

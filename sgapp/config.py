@@ -85,6 +85,8 @@ class Settings:
     greeting: str
     load_threshold: float | None = None
     """Worker load above which it takes no new jobs; None: the framework's default (0.7 in `start`)."""
+    no_show_timeout: float = 20.0
+    """A job whose room never had a human session this long after joining deletes the room and ends."""
     max_jobs: int | None = None
     """When set, the worker reports its load as active jobs / max_jobs instead of machine CPU."""
 
@@ -139,5 +141,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconnect_window=_float(env, "SG_RECONNECT_WINDOW", 30.0),
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
         load_threshold=_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
+        no_show_timeout=_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
         max_jobs=_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
     )

@@ -208,6 +208,7 @@ def start_worker(
         "SG_MAX_JOBS": "50",
         # Short enough that "the window expired" tests do not wait 30 s; long enough to rejoin inside it.
         "SG_RECONNECT_WINDOW": "10",
+        "SG_NO_SHOW_TIMEOUT": "5",
         **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)

@@ -218,3 +218,37 @@ async def test_first_of_two_humans_leaving_keeps_the_room_and_the_last_one_reset
         return not await sessions_in(stack, room)
 
     await wait_for(empty, 10, "the room to be reset after the last human left")
+
+
+async def test_an_agent_dispatched_to_a_room_nobody_joins_leaves_and_deletes_it(
+    stack: Stack, worker: WorkerProc, letta_agent: str
+) -> None:
+    """The user clicked Connect then Disconnect before the agent arrived: the agent must not sit in the empty room
+    until LiveKit's departure timeout."""
+    import json
+
+    from livekit import api
+
+    room = new_room()
+    async with api.LiveKitAPI(
+        stack.info.livekit_url.replace("ws://", "http://"), stack.info.api_key, stack.info.api_secret
+    ) as lk:
+        await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(
+                agent_name=stack.info.agent_name, room=room, metadata=json.dumps({"letta_agent_id": letta_agent})
+            )
+        )
+
+        async def agent_in_room() -> bool:
+            parts = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+            return any(p.kind == api.ParticipantInfo.Kind.AGENT for p in parts.participants)
+
+        await wait_for(agent_in_room, 30, "the dispatched agent to join")
+        t0 = time.monotonic()
+
+    async def room_gone() -> bool:
+        return not await asyncio.to_thread(stack.room_exists, room)
+
+    await wait_for(room_gone, 20, "the agent to give up on the empty room", interval=0.25)
+    print(f"empty room deleted {time.monotonic() - t0:.1f} s after the agent joined (no-show bound 5 s)")
+    assert not await sessions_in(stack, room)
