@@ -1,7 +1,8 @@
 """Letta stopped in the middle of live sessions, then started again (`scripts/stack --profile test stop|start letta`;
 a fixture always brings it back, other tests share it).
 
-While Letta is down: a turn gets a short spoken apology at once; a hang-up ends its session within the usual bounds
+While Letta is down: a turn gets a short spoken apology at once, and the session guard's error breaker counts it
+(five failed turns in a row end that session, within bounds); a hang-up ends its session within the usual bounds
 (its conversation's retirement is deferred, not lost); a job whose last human leaves ends within bounds and logs the
 retirement it could not do, with its ids, leaving it in the journal. Once Letta is back: the surviving session goes
 on in the same conversation, and the deferred retirements complete (the in-process retry, and the journal entry of
@@ -82,8 +83,9 @@ async def test_letta_stopped_mid_session_then_started_again(
     room = new_room()
     alice = Human(stack.info, room_name=room, identity=new_identity("alice"), letta_agent_id=letta_agent)
     bob = Human(stack.info, room_name=room, identity=new_identity("bob"), letta_agent_id=letta_agent)
+    dave = Human(stack.info, room_name=room, identity=new_identity("dave"), letta_agent_id=letta_agent)
     carol = Human(stack.info, identity=new_identity("carol"), letta_agent_id=letta_agent)  # a room (job) of her own
-    humans = [alice, bob, carol]
+    humans = [alice, bob, carol, dave]
     for h in humans:
         await h.join()
     try:
@@ -92,7 +94,7 @@ async def test_letta_stopped_mid_session_then_started_again(
         for h in humans:
             assert "(turn 1)" in await h.ask(f"{h.identity} before", expect=f"{h.identity} before")
         owners = {user_messages(letta_sync, c)[0].split()[0]: c for c in conversations(letta_sync, letta_agent)}
-        assert set(owners) == {alice.identity, bob.identity, carol.identity}
+        assert set(owners) == {alice.identity, bob.identity, carol.identity, dave.identity}
 
         async def gone(h: Human) -> bool:
             doc = await asyncio.to_thread(stack.sessions)
@@ -103,6 +105,16 @@ async def test_letta_stopped_mid_session_then_started_again(
             t0 = time.monotonic()
             assert await bob.ask(f"{bob.identity} during", expect=DEFAULT_APOLOGY) == DEFAULT_APOLOGY
             assert time.monotonic() - t0 < BOUND, "the apology came late"
+
+            # The guard's breaker counts failed turns: the fifth in a row ends dave's session (with its goodbye).
+            t0 = time.monotonic()
+            for i in range(4):
+                assert await dave.ask(f"{dave.identity} during {i}", expect=DEFAULT_APOLOGY) == DEFAULT_APOLOGY
+            await dave.say(f"{dave.identity} during 4")
+            await wait_for(lambda: gone(dave), 15, "the error breaker to end dave's session", interval=0.1)
+            assert time.monotonic() - t0 < 5 * BOUND
+            breaker = find_line(log_lines(worker, room), "[SESSION] session ending: 5 errors in a row", dave.identity)
+            assert breaker is not None
 
             t0 = time.monotonic()
             await alice.hang_up()
@@ -133,7 +145,7 @@ async def test_letta_stopped_mid_session_then_started_again(
         async def only_bob_left() -> bool:
             return conversations(letta_sync, letta_agent) == [owners[bob.identity]]
 
-        await wait_for(only_bob_left, 30, "alice's and carol's deferred retirements to complete")
+        await wait_for(only_bob_left, 30, "alice's, dave's and carol's deferred retirements to complete")
         lines = log_lines(worker, room)
         deferred = find_line(lines, "[LETTA] retirement deferred", f"conversation_id={owners[alice.identity]}")
         assert deferred is not None

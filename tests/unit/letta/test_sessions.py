@@ -13,7 +13,7 @@ from livekit import rtc
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
 from livekit.plugins.letta import CONVERSATION_KEY, LettaConfigError, LettaSessions, LettaUnavailableError
-from livekit.plugins.session_guard import SessionGuard
+from livekit.plugins.session_guard import SessionGuard, SessionState
 
 from tests.unit.letta.conftest import as_client, fast
 from tests.unit.letta.fake_letta import FakeLetta
@@ -142,7 +142,15 @@ async def test_a_failed_turn_is_answered_with_a_spoken_apology_outside_the_histo
     agent_session.emit("error", ErrorEvent(error=failure, source=model))
     agent_session.emit("error", ErrorEvent(error=failure.model_copy(update={"recoverable": True}), source=model))
     agent_session.emit("error", ErrorEvent(error=failure, source=object()))  # not ours
+    await asyncio.sleep(0)
     assert agent_session.said == [(letta.options.apology, False)]
+
+    # a failure that tripped the guard's error breaker: the guard says goodbye, no apology in front of it
+    gs.state = SessionState.ENDING
+    agent_session.emit("error", ErrorEvent(error=failure, source=model))
+    await asyncio.sleep(0)
+    assert len(agent_session.said) == 1
+    gs.state = SessionState.ACTIVE
 
     # the user starting to speak refreshes a stale cache in the background
     letta.backend.cache.invalidate(letta.conversation(gs).agent_id)
@@ -154,6 +162,7 @@ async def test_a_failed_turn_is_answered_with_a_spoken_apology_outside_the_histo
     room.remove(room.remote_participants["alice"], SIGNAL_CLOSE)  # the connection stops: unbound
     await settle(guard)
     agent_session.emit("error", ErrorEvent(error=failure, source=model))
+    await asyncio.sleep(0)
     assert len(agent_session.said) == 1
 
 

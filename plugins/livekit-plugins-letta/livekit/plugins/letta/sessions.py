@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -30,7 +31,7 @@ from typing import Any
 from letta_client import AsyncLetta
 from livekit.agents import AgentSession
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
-from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, TaskScope
+from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState, TaskScope
 
 from . import _logfmt as lf
 from ._calls import is_not_found, short_detail
@@ -273,6 +274,7 @@ class LettaSessions:
 
         Unbound when the connection stops."""
         conv = self.conversation(gs)
+        connection = gs.connection
         opts = self._opts
 
         def on_error(ev: ErrorEvent) -> None:
@@ -281,17 +283,20 @@ class LettaSessions:
                 return
             if getattr(ev.error, "recoverable", False) or not opts.apology:
                 return
+            error = str(getattr(ev.error, "error", ev.error))
+            # Decided after every handler of this event ran: if this failure tripped the guard's error breaker,
+            # the session is ending and the guard speaks its own goodbye; an apology in front would only delay it.
+            asyncio.get_running_loop().call_soon(apologise, error)
+
+        def apologise(error: str) -> None:
+            if gs.state is SessionState.ENDING or gs.connection is not connection:
+                return
             try:
                 agent_session.say(opts.apology, allow_interruptions=True, add_to_chat_ctx=False)
             except RuntimeError as e:  # the AgentSession is closing: nobody to apologise to
                 lf.debug("apology not spoken", error=str(e), identity=gs.identity)
             else:
-                lf.info(
-                    "Letta turn failed: apology spoken",
-                    room=gs.room_name,
-                    identity=gs.identity,
-                    error=str(getattr(ev.error, "error", ev.error)),
-                )
+                lf.info("Letta turn failed: apology spoken", room=gs.room_name, identity=gs.identity, error=error)
 
         def on_user_state(ev: UserStateChangedEvent) -> None:
             if ev.new_state == "speaking":
@@ -335,6 +340,4 @@ class LettaSessions:
 
 
 async def _forever() -> None:
-    import asyncio
-
     await asyncio.Event().wait()
