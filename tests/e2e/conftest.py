@@ -186,6 +186,10 @@ def browser(
         yield open_page
         failed = request.node.stash.get(_FAILED, False)
         for bp in opened:
+            warnings = [line for line in bp.console_log if line.startswith(("[warning]", "[error]"))]
+            print(
+                f"console: {len(bp.console_log)} messages, {len(warnings)} warnings/errors", *warnings[:20], sep="\n  "
+            )
             if not failed:
                 bp.assert_no_console_errors()
     finally:

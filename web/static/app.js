@@ -226,7 +226,10 @@
     }
     el.transcript.append(li);
     while (el.transcript.children.length > MAX_ENTRIES) el.transcript.firstElementChild.remove();
-    if (key) entries.set(key, li);
+    if (key) {
+      entries.set(key, li);
+      if (entries.size > MAX_ENTRIES) entries.delete(entries.keys().next().value);
+    }
     el.transcript.scrollTop = el.transcript.scrollHeight;
     scheduleSave();
     return li;
@@ -621,14 +624,23 @@
   // --- start-up ------------------------------------------------------------------------------------------------
 
   async function loadAgents() {
-    try {
-      const data = await api("/api/agents");
-      agents = data.agents ?? [];
-    } catch (e) {
-      el.agent.replaceChildren(new Option("No agents (see the status line)", ""));
-      setStatus("error", `could not list the agents: ${e.message}`);
-      return false;
+    // Letta may be restarting: keep asking (bounded) and say so meanwhile.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const data = await api("/api/agents");
+        agents = data.agents ?? [];
+        break;
+      } catch (e) {
+        el.agent.replaceChildren(new Option("No agents (see the status line)", ""));
+        if (attempt >= 20 || (e.status >= 400 && e.status < 500 && e.status !== 429)) {
+          setStatus("error", `could not list the agents: ${e.message}`);
+          return false;
+        }
+        setStatus("error", `could not list the agents: ${e.message}. Trying again…`);
+        await new Promise((r) => setTimeout(r, Math.min(10000, 1000 * attempt)));
+      }
     }
+    setStatus("idle");
     el.agent.replaceChildren(...agents.map((a) => new Option(a.default ? `${a.name} (default)` : a.name, a.id)));
     if (agents.length === 0) el.agent.replaceChildren(new Option("No agents available", ""));
     let remembered = null;
