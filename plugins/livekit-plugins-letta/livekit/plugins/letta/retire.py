@@ -12,6 +12,7 @@ session holds the agent: a newer session resets the history when it starts, whic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -188,10 +189,11 @@ class Retirements:
                     lf.error("retirement attempt crashed", error=repr(e), **item.ids())
             waits = [p.next_at for p in self._pending if not p.in_flight]
             timeout = max(0.05, min(waits) - time.monotonic()) if waits else None
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation that lands as the event is
+            # set, and this loop would then outlive its scope.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def attempt(self, item: PendingRetirement) -> bool:
         """One bounded attempt. True when retired (or nothing left to do)."""
