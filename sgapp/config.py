@@ -30,7 +30,10 @@ def load_dotenv_file(path: Path | None = None) -> None:
     load_dotenv(path or ROOT / ".env", override=False)
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def env_float(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float = float("inf")
+) -> float:
+    """`name` from `env` as a number within [minimum, maximum]; `default` when unset or empty."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -38,12 +41,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    if not minimum <= value <= maximum:
+        bound = f">= {minimum:g}" if maximum == float("inf") else f"between {minimum:g} and {maximum:g}"
+        raise ConfigError(f"{name}={value:g} must be {bound}")
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int = 65535) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int = 65535) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -136,11 +140,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         openai_api_key=openai_key,
         openai_base_url=(env.get("OPENAI_BASE_URL", "").strip() or None),
         test_provider_url=test_url,
-        worker_port=_int(env, "SG_WORKER_PORT", 8081, minimum=1),
-        web_port=_int(env, "SG_WEB_PORT", 9000, minimum=1),
-        reconnect_window=_float(env, "SG_RECONNECT_WINDOW", 30.0),
+        worker_port=env_int(env, "SG_WORKER_PORT", 8081, minimum=1),
+        web_port=env_int(env, "SG_WEB_PORT", 9000, minimum=1),
+        reconnect_window=env_float(env, "SG_RECONNECT_WINDOW", 30.0),
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
-        load_threshold=_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
-        no_show_timeout=_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
-        max_jobs=_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
+        load_threshold=env_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
+        no_show_timeout=env_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
+        max_jobs=env_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
     )

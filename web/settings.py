@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sgapp.config import ConfigError, Settings
+from sgapp.config import ConfigError, Settings, env_float
 
 from .tickets import derive_secret
 
@@ -39,19 +39,6 @@ class WebSettings:
         return self.public_livekit_url or self.app.livekit_url
 
 
-def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={value:g} must be between {lo:g} and {hi:g}")
-    return value
-
-
 def load_web_settings(app: Settings, env: Mapping[str, str] | None = None) -> WebSettings:
     env = os.environ if env is None else env
     entries = tuple(e.strip() for e in (env.get("SG_AGENT_ALLOWLIST") or "").split(",") if e.strip())
@@ -64,14 +51,14 @@ def load_web_settings(app: Settings, env: Mapping[str, str] | None = None) -> We
     public_url = (env.get("SG_PUBLIC_LIVEKIT_URL") or "").strip().rstrip("/")
     if public_url and not public_url.startswith(("ws://", "wss://", "http://", "https://")):
         raise ConfigError(f"SG_PUBLIC_LIVEKIT_URL={public_url!r} must start with ws://, wss://, http:// or https://")
-    rate = _number(env, "SG_WEB_RATE_LIMIT", 60.0, 1.0, 100_000.0)
+    rate = env_float(env, "SG_WEB_RATE_LIMIT", 60.0, minimum=1.0, maximum=100_000.0)
     return WebSettings(
         app=app,
         agent_allowlist=entries,
         ticket_secret=secret_text.encode() if secret_text else derive_secret(app.livekit_api_secret),
-        token_ttl=_number(env, "SG_TOKEN_TTL", 120.0, 10.0, 3600.0),
-        resume_margin=_number(env, "SG_RESUME_MARGIN", 30.0, 0.0, 600.0),
+        token_ttl=env_float(env, "SG_TOKEN_TTL", 120.0, minimum=10.0, maximum=3600.0),
+        resume_margin=env_float(env, "SG_RESUME_MARGIN", 30.0, minimum=0.0, maximum=600.0),
         rate_per_minute=rate,
-        rate_burst=int(_number(env, "SG_WEB_RATE_BURST", max(10.0, rate / 2), 1.0, 100_000.0)),
+        rate_burst=int(env_float(env, "SG_WEB_RATE_BURST", max(10.0, rate / 2), minimum=1.0, maximum=100_000.0)),
         public_livekit_url=public_url,
     )
