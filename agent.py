@@ -122,6 +122,10 @@ async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> s
     return agent_id
 
 
+def humans_present(room: rtc.Room) -> bool:
+    return any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in room.remote_participants.values())
+
+
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
@@ -171,7 +175,7 @@ async def entrypoint(ctx: JobContext) -> None:
         # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. Deleting it
         # (not just leaving) means a client that rejoins the same room name gets a new room and a newly dispatched
         # agent, never a room where no agent will answer. The token server makes a fresh room per connection anyway.
-        if any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values()):
+        if humans_present(ctx.room):
             # Someone joined while the last session was being cleaned up: the guard will start their session.
             logger.info(
                 "[SHUTDOWN] last session ended but a human just joined %s: keeping the room",
@@ -201,9 +205,7 @@ async def entrypoint(ctx: JobContext) -> None:
         # Dispatched to a room whose user left before we joined (Connect, then Disconnect at once): no session will
         # ever start, so last-human-gone never fires; without this the job would wait for LiveKit's departure
         # timeout (60 s) in an empty room.
-        if guard.snapshot()["totals"]["started"] == 0 and not any(
-            p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in ctx.room.remote_participants.values()
-        ):
+        if guard.snapshot()["totals"]["started"] == 0 and not humans_present(ctx.room):
             logger.info(
                 "[SHUTDOWN] no human joined room %s within %.0f s: deleting it and ending the job",
                 ctx.room.name,
