@@ -44,7 +44,10 @@ _dt() { echo "$(( $(date +%s) - $1 )) s"; }
 ensure_apt() {
   step "Debian packages: ${APT_PACKAGES[*]}"
   local missing=()
-  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # The status, not `dpkg -s`'s exit code: that is 0 for a removed package whose config files remain.
+  for p in "${APT_PACKAGES[@]}"; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+  done
   if [ ${#missing[@]} -eq 0 ]; then ok "present"; return; fi
   command -v apt-get >/dev/null || die "apt-get not found; install by hand: ${missing[*]}"
   local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
