@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import DESTROYED
 from tests.e2e.page import BrowserPage
 from tests.integration.conftest import (
     AGENT_NAME,
-    DESTROYED,
     ROOT,
     Stack,
     WorkerProc,

@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from letta_client import Letta
 
+from tests.conftest import DESTROYED
 from tests.e2e.conftest import write_wav
 from tests.e2e.page import LIVE_STATES, BrowserPage, turn
-from tests.integration.conftest import DESTROYED, Stack, WorkerProc, wait_until
+from tests.integration.conftest import Stack, WorkerProc, wait_until
 
 Browser = Callable[..., BrowserPage]
 TIMINGS: dict[str, list[float]] = {}

@@ -23,10 +23,10 @@ import pytest
 from letta_client import Letta
 
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA
+from tests.conftest import DESTROYED
 from tests.support.human import StackInfo
 
 ROOT = Path(__file__).resolve().parents[2]
-DESTROYED = "Task was destroyed but it is pending"
 
 
 def _stack_env() -> dict[str, str]:

@@ -12,7 +12,8 @@ import time
 import httpx
 from letta_client import Letta
 
-from tests.integration.conftest import DESTROYED, Stack, start_worker
+from tests.conftest import DESTROYED
+from tests.integration.conftest import Stack, start_worker
 from tests.support.human import Human
 
 DRAIN = 2.0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -17,33 +15,10 @@ from tests.unit.letta.fake_letta import FakeLetta
 FORBIDDEN = ("Task was destroyed but it is pending", "Task exception was never retrieved")
 
 
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.messages.append(record.getMessage())
-        except Exception:
-            self.messages.append(str(record.msg))
-
-
-@pytest.fixture(autouse=True)
-def no_lost_tasks() -> Iterator[None]:
-    collector = _Collector()
-    watched = [logging.getLogger(), logging.getLogger("asyncio")]
-    for lg in watched:
-        lg.addHandler(collector)
-    try:
-        yield
-        gc.collect()
-    finally:
-        for lg in watched:
-            lg.removeHandler(collector)
-    text = "\n".join(collector.messages)
-    for needle in FORBIDDEN:
-        assert needle not in text, f"{needle!r} was logged:\n{text[-3000:]}"
+@pytest.fixture
+def forbidden_output() -> tuple[str, ...]:
+    """This suite also forbids lost task exceptions (see tests/conftest.py)."""
+    return FORBIDDEN
 
 
 @pytest.fixture

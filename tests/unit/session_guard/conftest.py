@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import gc
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,48 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.filterwarnings("error::RuntimeWarning"))
 
 
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.messages.append(record.getMessage())
-        except Exception:
-            self.messages.append(str(record.msg))
-
-
-class OutputCheck:
-    def __init__(self) -> None:
-        self.expected: list[str] = []
-
-    def expect(self, needle: str) -> None:
-        """This test provokes ``needle`` on purpose: it must appear, and is not a failure."""
-        self.expected.append(needle)
-
-
-@pytest.fixture(autouse=True)
-def no_destroyed_pending_tasks() -> Iterator[OutputCheck]:
-    """Fail the test if asyncio (or a room emitter) complained about a lost task or a failed handler.
-
-    Autouse and function-scoped: set up before the test's event loop, torn down after it closed, so the
-    garbage collection here catches tasks destroyed while pending.
-    """
-    collector = _Collector()
-    watched = [logging.getLogger(), logging.getLogger("asyncio"), logging.getLogger("livekit")]
-    for lg in watched:
-        lg.addHandler(collector)
-    check = OutputCheck()
-    try:
-        yield check
-        gc.collect()
-    finally:
-        for lg in watched:
-            lg.removeHandler(collector)
-    text = "\n".join(collector.messages)
-    for needle in check.expected:
-        assert needle in text, f"expected output {needle!r} did not appear"
-        text = text.replace(needle, "")
-    for needle in FORBIDDEN:
-        assert needle not in text, f"forbidden output {needle!r} appeared:\n{text[-4000:]}"
+@pytest.fixture
+def forbidden_output() -> tuple[str, ...]:
+    """This suite also forbids lost task exceptions and failed room handlers (see tests/conftest.py)."""
+    return FORBIDDEN

@@ -1,21 +1,11 @@
-"""The suite's own tripwire: a task destroyed while pending is seen by the conftest check."""
+"""The tripwire itself: a task destroyed while pending is seen by the check in tests/conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
-import pytest
-
-from .conftest import OutputCheck
-
-
-@pytest.fixture(autouse=True)
-def _no_destroyed_pending_tasks() -> Iterator[None]:
-    """Overrides the suite-wide tripwire (tests/conftest.py) for this module only: the test below provokes
-    the message on purpose and checks that this directory's own tripwire sees it."""
-    yield
+from tests.conftest import OutputCheck
 
 
 def test_destroyed_pending_task_is_detected(no_destroyed_pending_tasks: OutputCheck) -> None:
