@@ -29,6 +29,7 @@ from tests.support.letta_checks import (
     model_request,
     new_identity,
     new_room,
+    sessions_in,
     user_messages,
     wait_for,
     when,
@@ -39,11 +40,6 @@ ASK = "What is my favorite color?"
 SAVED = "Got it, I will remember that my favorite color is blue."
 DROP_DETECTION = 30.0
 """livekit-server reports a killed client 15-23 s later (test_reconnect.py)."""
-
-
-async def sessions_in(stack: Stack, room: str) -> list[dict[str, object]]:
-    doc = await asyncio.to_thread(stack.sessions)
-    return [s for s in doc["sessions"] if s["room"] == room]
 
 
 async def test_hangup_then_reconnect_forgets_the_conversation_but_the_memory_block_keeps_the_fact(

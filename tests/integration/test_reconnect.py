@@ -12,10 +12,10 @@ import asyncio
 import re
 import time
 import uuid
-from typing import Any
 
 from tests.integration.conftest import Stack, WorkerProc
 from tests.support.human import Human, RemoteHuman
+from tests.support.letta_checks import new_room, sessions_in, totals, wait_for
 
 WINDOW = 10.0
 DROP_DETECTION = 30.0
@@ -27,31 +27,6 @@ def turn(reply: str) -> int:
     m = re.search(r"\(turn (\d+)\)", reply)
     assert m, f"unexpected reply {reply!r}"
     return int(m.group(1))
-
-
-async def sessions_in(stack: Stack, room: str) -> list[dict[str, Any]]:
-    doc = await asyncio.to_thread(stack.sessions)
-    return [s for s in doc["sessions"] if s["room"] == room]
-
-
-async def totals(stack: Stack) -> dict[str, int]:
-    doc = await asyncio.to_thread(stack.sessions)
-    return dict(doc["totals"])
-
-
-async def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await pred()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
-def new_room() -> str:
-    return f"test-{uuid.uuid4().hex[:10]}"
 
 
 async def test_hangup_then_reconnect_starts_fresh_session(stack: Stack, worker: WorkerProc, letta_agent: str) -> None:

@@ -1,5 +1,6 @@
-"""What the Letta integration tests look at: the Letta API (conversations, blocks), what the model was shown (the
-test provider's request log), and the worker's JSON log (lines of one room, Letta requests of one job)."""
+"""What the integration tests look at: the worker's /sessions (per room, totals), the Letta API (conversations,
+blocks), what the model was shown (the test provider's request log), and the worker's JSON log (lines of one room,
+Letta requests of one job); plus fresh room names and polling."""
 
 from __future__ import annotations
 
@@ -26,7 +27,17 @@ def new_identity(prefix: str = "human") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-async def wait_for(pred: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.2) -> Any:
+async def sessions_in(stack: Stack, room: str) -> list[dict[str, Any]]:
+    doc = await asyncio.to_thread(stack.sessions)
+    return [s for s in doc["sessions"] if s["room"] == room]
+
+
+async def totals(stack: Stack) -> dict[str, int]:
+    doc = await asyncio.to_thread(stack.sessions)
+    return dict(doc["totals"])
+
+
+async def wait_for(pred: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
