@@ -652,7 +652,7 @@ class _Runner:
             for scope in (s.connection.scope, s.scope):
                 for t in scope.cancel_all():
                     g._leaks.keep(t)
-        g._runners.pop((s.identity, s.generation), None)
+        g._drop_runner((s.identity, s.generation))
         if eff is None:
             return
         duration = g._now() - started if started is not None else None
@@ -1085,8 +1085,12 @@ class SessionGuard:
                 s.resumes = rec.resumes
 
     def _forget_runner(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
-        self._runners.pop(key, None)
-        self._observe("live_changed", -1)
+        self._drop_runner(key)
+
+    def _drop_runner(self, key: tuple[str, int]) -> None:
+        """The session is gone (cleanup finished, or its runner ended without one): once per runner."""
+        if self._runners.pop(key, None) is not None:
+            self._observe("live_changed", -1)
 
     # -- metrics (never allowed to break the guard)
 
