@@ -27,6 +27,7 @@ class JobMetrics:
         # Imported here: prometheus_client is needed only with metrics on. Created once per job process (prewarm):
         # collectors register once per registry; their values go to the worker's multiprocess directory.
         from livekit.plugins.letta.metrics import LettaMetrics
-        from livekit.plugins.session_guard.metrics import SessionGuardMetrics
+        from livekit.plugins.session_guard.metrics import SessionGuardMetrics, claim_process_slot
 
+        claim_process_slot()  # one file set per concurrent process, not per process ever started
         return cls(guard=SessionGuardMetrics(), letta=LettaMetrics())

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -134,6 +136,11 @@ async def test_a_session_moves_the_metrics_by_exactly_one(metrics_worker: Metric
     assert delta(before, later, "session_guard_sessions_started_total") == 1
     assert delta(before, later, "letta_request_duration_seconds_count", operation="turn") == 1
     assert value(later, "session_guard_live_sessions") == 0
+    # job processes write to slot files (one set per concurrent process), the worker process to its own pid's
+    directory = re.findall(r"Prometheus multiprocess directory (/[^\s\"]+)", mw.proc.log_text())[-1]
+    names = await asyncio.to_thread(lambda: sorted(f.name for f in Path(directory).glob("*.db")))
+    assert all(re.search(rf"_(slot\d+|{mw.proc.proc.pid})\.db$", n) for n in names), names
+    assert any("slot" in n for n in names), names
 
 
 async def test_a_sigkilled_job_drops_out_of_the_live_gauge(metrics_worker: MetricsWorker, letta_agent: str) -> None:

@@ -267,3 +267,71 @@ def test_the_worker_directory_drops_dead_processes_live_gauges_and_keeps_their_c
     assert result["after"] == {"live": 0.0, "started": 2.0, "cleanups": 1.0, "worker_jobs": 1.0}
     assert result["removed"] is False, "an explicit directory is the caller's: close() leaves it"
     assert result["env"] == str(directory)
+
+
+SLOTS = textwrap.dedent(
+    """
+    import json, os, subprocess, sys
+    from prometheus_client import CollectorRegistry, multiprocess
+    from livekit.plugins.session_guard.metrics import MultiprocessDir
+
+    directory = MultiprocessDir(sys.argv[1])
+    path = directory.prepare()
+
+    def child(how):
+        code = (
+            "import os, signal, sys, time\\n"
+            "from livekit.plugins.session_guard.metrics import SessionGuardMetrics, claim_process_slot\\n"
+            "slot = claim_process_slot()\\n"
+            "m = SessionGuardMetrics(registry=None)\\n"
+            "m.live_changed(1); m.totals_changed({'started': 1})\\n"
+            "print(slot, flush=True)\\n"
+            "if sys.argv[1] == 'kill': os.kill(os.getpid(), signal.SIGKILL)\\n"
+            "if sys.argv[1] == 'hold': sys.stdin.readline()\\n"
+            "m.live_changed(-1); m.totals_changed({'cleanups': 1})\\n"
+        )
+        return subprocess.Popen([sys.executable, "-c", code, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+
+    def read():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(path))
+        get = lambda name: registry.get_sample_value(name, {}) or 0.0
+        return [get("session_guard_live_sessions"), get("session_guard_sessions_started_total"),
+                get("session_guard_cleanups_total")]
+
+    steps = {}
+    first = child("exit"); steps["first"] = first.stdout.readline().strip(); first.wait()
+    killed = child("kill"); steps["killed"] = killed.stdout.readline().strip(); killed.wait()
+    steps["after_kill"] = read()
+    holder = child("hold"); steps["holder"] = holder.stdout.readline().strip()   # takes the dead one's slot
+    other = child("hold"); steps["other"] = other.stdout.readline().strip()      # slot 0 is held: the next one
+    steps["two_live"] = read()
+    steps["swept_while_held"] = directory.sweep()
+    other.communicate("\\n"); holder.communicate("\\n")
+    steps["done"] = read()
+    other = child("kill"); other.stdout.readline(); other.wait()
+    steps["swept"] = directory.sweep()
+    steps["end"] = read()
+    steps["db_files"] = sorted(f for f in os.listdir(path) if f.endswith(".db"))
+    print(json.dumps(steps))
+    """
+)
+
+
+def test_job_processes_reuse_slots_so_files_stay_bounded_and_counts_continue(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run(
+        [sys.executable, "-c", SLOTS, str(tmp_path / "metrics")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["first"] == r["killed"] == r["holder"] == "slot0", "a slot is free again once its holder exited"
+    assert r["other"] == "slot1"
+    assert r["after_kill"] == [1.0, 2.0, 1.0], "the killed holder left its live gauge"
+    assert r["two_live"] == [2.0, 4.0, 1.0], "the new holder dropped the dead one's live gauge and kept its counts"
+    assert r["swept_while_held"] == [], "slots held by living processes are left alone"
+    assert r["done"] == [0.0, 4.0, 3.0]
+    assert "slot0" in r["swept"] and r["end"] == [0.0, 5.0, 3.0]
+    # five processes, two at a time at most: two slots' files, not five (the sweep removed the live gauges)
+    assert r["db_files"] == ["counter_slot0.db", "counter_slot1.db", "histogram_slot0.db", "histogram_slot1.db"]

@@ -6,6 +6,9 @@ prometheus_port=...)``), so the metrics use prometheus_client's multiprocess mod
 
 - job processes: :class:`SessionGuardMetrics`, the guard's counts as collectors. Create one per process (e.g. in the
   worker's ``setup_fnc``; collectors register once per registry) and pass it to every ``SessionGuard(metrics=...)``.
+  Call :func:`claim_process_slot` first: the process then writes to the file set of a free *slot* (continuing the
+  counts of the processes that held it before), so the directory holds one file set per concurrent process rather
+  than one per process ever started, and a scrape stays cheap for a worker that runs for months.
 - the worker: :class:`MultiprocessDir`, one directory per worker run, emptied at start, exported as
   ``PROMETHEUS_MULTIPROC_DIR`` before any job process exists, and the live gauges of job processes that ended (even
   SIGKILLed) removed with ``mark_process_dead`` so ``session_guard_live_sessions`` counts living processes only.
@@ -15,6 +18,8 @@ prometheus_port=...)``), so the metrics use prometheus_client's multiprocess mod
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import os
 import re
 import shutil
@@ -32,7 +37,14 @@ from .log import logger
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
 
-__all__ = ["CLEANUP_BUCKETS", "MULTIPROC_ENV", "MultiprocessDir", "SessionGuardMetrics", "use_multiprocess_values"]
+__all__ = [
+    "CLEANUP_BUCKETS",
+    "MULTIPROC_ENV",
+    "MultiprocessDir",
+    "SessionGuardMetrics",
+    "claim_process_slot",
+    "use_multiprocess_values",
+]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CLEANUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -116,6 +128,35 @@ def use_multiprocess_values() -> bool:
 
 
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]*_(\d+)\.db$")
+_SLOT_PREFIX = "slot"  # no "_": prometheus_client splits file names on it
+
+
+def claim_process_slot(directory: str | os.PathLike[str] | None = None) -> str | None:
+    """In a job process, before any metric of it exists: take the first free slot of the multiprocess directory and
+    write this process's values to that slot's files (``counter_slot3.db``...) instead of files named by pid.
+
+    A slot is free when no living process holds its lock (``slot3.lock``, an exclusive ``flock`` held until the
+    process exits; the kernel releases it even on SIGKILL). A new holder continues the counters and histograms of the
+    earlier ones (the values are in the files) and starts its live gauges from zero (a holder that died without
+    cleaning up left its live gauges behind). Returns the slot's name; None outside multiprocess mode.
+    """
+    raw = directory if directory is not None else os.environ.get(MULTIPROC_ENV)
+    if not raw:
+        return None
+    path = Path(raw)
+    for n in itertools.count():
+        fd = os.open(path / f"{_SLOT_PREFIX}{n}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        # The descriptor stays open, on purpose, for the life of the process: it is the lock.
+        slot = f"{_SLOT_PREFIX}{n}"
+        multiprocess.mark_process_dead(slot, str(path))  # type: ignore[no-untyped-call]
+        values.ValueClass = values.MultiProcessValue(lambda slot=slot: slot)  # type: ignore[no-untyped-call]
+        return slot
+    raise AssertionError("unreachable")
 
 
 def _process_alive(pid: int) -> bool:
@@ -156,7 +197,7 @@ class MultiprocessDir:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"session-guard-metrics-{os.getpid()}-"))
                 self._created = True
             self._dir.mkdir(parents=True, exist_ok=True)
-            for f in self._dir.glob("*.db"):
+            for f in self._dir.glob("*.db"):  # (slot locks stay: a lock is the inode a living holder locked)
                 with contextlib.suppress(OSError):
                     f.unlink()
         os.environ[MULTIPROC_ENV] = str(self._dir)
@@ -171,21 +212,38 @@ class MultiprocessDir:
             multiprocess.mark_process_dead(pid, str(self._dir))  # type: ignore[no-untyped-call]
             self.marked_dead += 1
 
-    def sweep(self) -> list[int]:
-        """Mark every process with live-gauge files that is no longer running; returns their pids."""
+    def sweep(self) -> list[int | str]:
+        """Drop the live gauges of every process that is no longer running: files named by pid whose process is
+        gone, and slots whose lock no process holds. Returns those pids and slots."""
         if self._dir is None:
             return []
-        dead: list[int] = []
+        pids: set[int] = set()
         with contextlib.suppress(OSError):
             for f in self._dir.iterdir():
                 m = _LIVE_GAUGE_FILE.match(f.name)
-                if m is None:
-                    continue
-                pid = int(m.group(1))
-                if pid != os.getpid() and pid not in dead and not _process_alive(pid):
-                    dead.append(pid)
-        for pid in dead:
+                if m is not None and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+                    pids.add(int(m.group(1)))
+        for pid in sorted(pids):
             self.mark_dead(pid)
+        dead: list[int | str] = sorted(pids)
+        for lock in sorted(self._dir.glob(f"{_SLOT_PREFIX}*.lock")):
+            slot = lock.stem
+            if not any(self._dir.glob(f"gauge_live*_{slot}.db")):
+                continue
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we clean: a new holder takes another
+            except BlockingIOError:
+                continue  # a living process holds it
+            else:
+                multiprocess.mark_process_dead(slot, str(self._dir))  # type: ignore[no-untyped-call]
+                self.marked_dead += 1
+                dead.append(slot)
+            finally:
+                os.close(fd)
         return dead
 
     def attach(self, server: AgentServer) -> None:
