@@ -3,6 +3,7 @@ is set (the worker then serves them, summed over its job processes, on that port
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ if TYPE_CHECKING:
     from livekit.plugins.session_guard.metrics import SessionGuardMetrics
 
 USERDATA_KEY = "sgapp.metrics"
+
+logger = logging.getLogger("session-guard")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class JobMetrics:
 
     @classmethod
     def create(cls, enabled: bool) -> JobMetrics:
+        """Metrics for this job process; never raises (a process without metrics still serves its room)."""
         if not enabled:
             return cls()
         # Imported here: prometheus_client is needed only with metrics on. Created once per job process (prewarm):
@@ -29,5 +33,9 @@ class JobMetrics:
         from livekit.plugins.letta.metrics import LettaMetrics
         from livekit.plugins.session_guard.metrics import SessionGuardMetrics, claim_process_slot
 
-        claim_process_slot()  # one file set per concurrent process, not per process ever started
-        return cls(guard=SessionGuardMetrics(), letta=LettaMetrics())
+        try:
+            claim_process_slot()  # one file set per concurrent process, not per process ever started
+            return cls(guard=SessionGuardMetrics(), letta=LettaMetrics())
+        except Exception:
+            logger.exception("metrics unavailable in this job process: serving without them")
+            return cls()
