@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client
+from sgapp.metrics import USERDATA_KEY as METRICS_KEY
+from sgapp.metrics import JobMetrics
 from sgapp.providers import build_voice, describe, load_vad
 from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
@@ -64,6 +66,7 @@ def letta_options() -> letta_plugin.LettaOptions:
 def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
     proc.userdata["vad"] = load_vad()
+    proc.userdata[METRICS_KEY] = JobMetrics.create(SETTINGS.metrics_port is not None)
 
 
 server = sg.SessionGuardServer(
@@ -73,6 +76,7 @@ server = sg.SessionGuardServer(
     drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+    prometheus_port=SETTINGS.metrics_port,  # /metrics, multiprocess: docs/operations.md
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
@@ -129,7 +133,8 @@ def humans_present(room: rtc.Room) -> bool:
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
-    letta = letta_plugin.LettaSessions(client, letta_options())
+    metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
+    letta = letta_plugin.LettaSessions(client, letta_options(), metrics=metrics.letta)
 
     async def close_letta(_: str) -> None:
         await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
@@ -144,7 +149,9 @@ async def entrypoint(ctx: JobContext) -> None:
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
     ctx.add_shutdown_callback(voice.aclose)
-    guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
+    guard = sg.SessionGuard(
+        ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window), metrics=metrics.guard
+    )
     chat = sg.ChatRouter(ctx.room)
 
     # Before the app's own hooks: the session's conversation exists when on_start asks for its LLM.

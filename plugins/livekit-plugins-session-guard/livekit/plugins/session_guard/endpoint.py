@@ -26,6 +26,8 @@ from .state_dir import STATE_DIR_ENV, read_state_dir
 if TYPE_CHECKING:
     from livekit.agents.utils.http_server import HttpServer
 
+    from .metrics import MultiprocessDir
+
 __all__ = ["SessionGuardServer", "SessionsEndpoint", "SessionsEndpointMixin", "install_sessions_endpoint"]
 
 _HTTP_ATTR = "_session_guard_http_server"
@@ -125,7 +127,10 @@ class SessionsEndpointMixin:
 class SessionGuardServer(SessionsEndpointMixin, AgentServer):
     """An ``AgentServer`` whose health server also answers ``GET /sessions``.
 
-    Same arguments as ``AgentServer``, plus ``sessions_path`` and ``sessions_state_dir``.
+    Same arguments as ``AgentServer``, plus ``sessions_path`` and ``sessions_state_dir``. With
+    ``prometheus_port``, the framework's ``/metrics`` server runs in multiprocess mode on a directory of this
+    worker run (``prometheus_multiproc_dir``, else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary one),
+    emptied at start, with dead job processes' live gauges removed: see :mod:`.metrics`.
     """
 
     def __init__(
@@ -136,7 +141,28 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
         **kwargs: Any,
     ) -> None:
         self.sessions_endpoint = SessionsEndpoint(path=sessions_path, state_dir=sessions_state_dir)
+        self.metrics_dir: MultiprocessDir | None = None
+        if kwargs.get("prometheus_port") is not None:
+            from .metrics import MultiprocessDir  # prometheus_client only when metrics are on
+
+            self.metrics_dir = MultiprocessDir(kwargs.pop("prometheus_multiproc_dir", None))
         super().__init__(*args, **kwargs)
+
+    async def run(self, *, devmode: bool = False, unregistered: bool = False) -> None:
+        if self.metrics_dir is not None:
+            # before the framework reads $PROMETHEUS_MULTIPROC_DIR and before any job process (or the forkserver)
+            # starts; the framework then empties it again, which is harmless
+            path = self.metrics_dir.prepare()
+            self.metrics_dir.attach(self)
+            logger.info("[SESSION] Prometheus multiprocess directory %s", path)
+        await super().run(devmode=devmode, unregistered=unregistered)
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            if self.metrics_dir is not None:
+                self.metrics_dir.close()
 
 
 def install_sessions_endpoint(
