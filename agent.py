@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from livekit import rtc
-from livekit.agents import AgentServer, JobContext, JobProcess, cli, llm
+from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 
@@ -77,19 +77,14 @@ server = sg.SessionGuardServer(
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
     prometheus_port=SETTINGS.metrics_port,  # /metrics, multiprocess: docs/operations.md
+    # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
+    # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
+    # CPU crosses that while the worker is idle, and dispatches are dropped without a word. It also lets an idle
+    # worker accept simultaneous dispatches (SessionGuardServer's docstring).
+    max_jobs=SETTINGS.max_jobs,
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
-if SETTINGS.max_jobs is not None:
-    # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
-    # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
-    # CPU crosses that while the worker is idle, and dispatches are dropped without a word.
-    max_jobs = SETTINGS.max_jobs
-
-    def job_count_load(srv: AgentServer) -> float:
-        return min(1.0, len(srv.active_jobs) / max_jobs)
-
-    server.load_fnc = job_count_load
 
 
 async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> str:

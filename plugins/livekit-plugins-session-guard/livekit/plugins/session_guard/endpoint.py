@@ -131,6 +131,12 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
     ``prometheus_port``, the framework's ``/metrics`` server runs in multiprocess mode on a directory of this
     worker run (``prometheus_multiproc_dir``, else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary one),
     emptied at start, with dead job processes' live gauges removed: see :mod:`.metrics`.
+
+    With ``max_jobs=N`` the worker's load is its job count over N (not machine CPU), and a job accepted but not
+    yet running counts as exactly 1/N. The framework (1.8.9) otherwise counts each such job as
+    ``load_threshold / num_idle_processes`` while no job runs: with one idle process, an idle worker answers
+    "not available" to the second of two dispatches that arrive together, and that user gets no agent if no other
+    worker is free.
     """
 
     def __init__(
@@ -138,8 +144,16 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
         *args: Any,
         sessions_path: str = "/sessions",
         sessions_state_dir: str | os.PathLike[str] | None = None,
+        max_jobs: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if max_jobs is not None:
+            if max_jobs < 1:
+                raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
+            if kwargs.get("load_fnc") is not None:
+                raise ValueError("max_jobs sets the load function: pass one or the other")
+            kwargs["load_fnc"] = _job_count_load
+        self.max_jobs = max_jobs
         self.sessions_endpoint = SessionsEndpoint(path=sessions_path, state_dir=sessions_state_dir)
         self.metrics_dir: MultiprocessDir | None = None
         if kwargs.get("prometheus_port") is not None:
@@ -147,6 +161,13 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
 
             self.metrics_dir = MultiprocessDir(kwargs.pop("prometheus_multiproc_dir", None))
         super().__init__(*args, **kwargs)
+
+    def _get_effective_load(self) -> float:
+        if self.max_jobs is None:
+            return super()._get_effective_load()
+        # running jobs plus the ones accepted and not launched yet (counted once more while they start: on the safe
+        # side by one job for a moment)
+        return min(1.0, (len(self.active_jobs) + self._reserved_slots) / self.max_jobs)
 
     async def run(self, *, devmode: bool = False, unregistered: bool = False) -> None:
         if self.metrics_dir is not None:
@@ -163,6 +184,13 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
         finally:
             if self.metrics_dir is not None:
                 self.metrics_dir.close()
+
+
+def _job_count_load(server: AgentServer) -> float:
+    max_jobs = getattr(server, "max_jobs", None)
+    if not isinstance(max_jobs, int) or max_jobs < 1:
+        raise RuntimeError("_job_count_load is the load function of a SessionGuardServer with max_jobs")
+    return min(1.0, len(server.active_jobs) / max_jobs)
 
 
 def install_sessions_endpoint(
