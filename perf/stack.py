@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -31,6 +32,8 @@ class Stack:
     profile: str
     env: dict[str, str]
     started_here: bool = False
+    default_agent_id: str = ""
+    """The default Letta agent (`python -m sgapp.bootstrap`), what a dispatch without metadata is served with."""
 
     @property
     def dir(self) -> Path:
@@ -75,8 +78,19 @@ def ensure_stack(profile: str) -> Stack:
     stack = Stack(profile=profile, env=stack_env(profile), started_here=not up)
     env = {**os.environ, **stack.env}
     env.pop("OPENAI_API_KEY", None)
-    subprocess.run([str(PYTHON), "-m", "sgapp.bootstrap"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    stack.default_agent_id = bootstrap(env)
     return stack
+
+
+def bootstrap(env: dict[str, str]) -> str:
+    """Make sure the default Letta agent exists (`python -m sgapp.bootstrap`); its id."""
+    out = subprocess.run(
+        [str(PYTHON), "-m", "sgapp.bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    m = re.search(r"\((agent-[0-9a-f-]+)", out)
+    if not m:
+        raise RuntimeError(f"sgapp.bootstrap printed no agent id: {out!r}")
+    return m.group(1)
 
 
 def free_port() -> int:
