@@ -84,9 +84,10 @@ def ensure_stack(profile: str) -> Stack:
 
 def bootstrap(env: dict[str, str]) -> str:
     """Make sure the default Letta agent exists (`python -m sgapp.bootstrap`); its id."""
-    out = subprocess.run(
-        [str(PYTHON), "-m", "sgapp.bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
-    ).stdout
+    done = subprocess.run([str(PYTHON), "-m", "sgapp.bootstrap"], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m sgapp.bootstrap failed: {(done.stderr or done.stdout).strip()}")
+    out = done.stdout
     m = re.search(r"\((agent-[0-9a-f-]+)", out)
     if not m:
         raise RuntimeError(f"sgapp.bootstrap printed no agent id: {out!r}")
