@@ -84,8 +84,41 @@ ensure_livekit_server() {
     "$LIVEKIT_SERVER_BIN"
 }
 
+# livekit/protocol version the lk build uses instead of the pseudo-version lk v2.18.2 pins (v1.49.1-0.20260712215709-
+# 8847d7456816), which the Go module proxy does not serve; this one is livekit-server v1.13.5's, so already cached.
+LK_PROTOCOL_VERSION=v1.50.5-0.20260728075222-28e604c046c6
+
 ensure_lk_cli() {
-  _go_install lk github.com/livekit/livekit-cli/v2/cmd/lk "$LK_CLI_VERSION" lk "$LK_BIN"
+  # Not `go install lk@version`: that also needs the proxy's version list of livekit-cli (refused) and cannot
+  # replace a dependency. A throw-away main module pins lk, swaps livekit/protocol for one the proxy serves, and
+  # links the system PortAudio (the module zip lacks the vendored pa_src submodule): apt portaudio19-dev.
+  step "lk (livekit-cli) $LK_CLI_VERSION (go build, cached)"
+  if [ -x "$LK_BIN" ]; then ok "cached: $LK_BIN"; return; fi
+  command -v go >/dev/null || die "Go is required to build lk"
+  if [ "$(dpkg-query -W -f='${Status}' portaudio19-dev 2>/dev/null)" != "install ok installed" ]; then
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends portaudio19-dev >/dev/null \
+      || die "apt-get install portaudio19-dev failed"
+  fi
+  local t; t=$(_t0)
+  local d; d="$(mktemp -d)"
+  cat > "$d/go.mod" <<GOMOD
+module sessionguard.local/lk
+
+go 1.25
+
+require github.com/livekit/livekit-cli/v2 $LK_CLI_VERSION
+
+replace github.com/livekit/protocol => github.com/livekit/protocol $LK_PROTOCOL_VERSION
+GOMOD
+  mkdir -p "$(dirname "$LK_BIN")"
+  ok "building github.com/livekit/livekit-cli/v2/cmd/lk@$LK_CLI_VERSION (several minutes the first time) ..."
+  (cd "$d" && GOFLAGS=-mod=mod go build -tags portaudio_system -o "$LK_BIN.tmp" github.com/livekit/livekit-cli/v2/cmd/lk) \
+    || { rm -rf "$d"; die "building lk $LK_CLI_VERSION failed"; }
+  rm -rf "$d"
+  mv "$LK_BIN.tmp" "$LK_BIN"
+  ok "built in $(_dt "$t"): $("$LK_BIN" --version 2>&1 | head -1)"
 }
 
 ensure_app_venv() {
