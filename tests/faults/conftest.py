@@ -35,7 +35,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, re-exported f
     stack,
     start_worker,
 )
-from tests.support.human import StackInfo
+from tests.support.human import Human, StackInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "scripts" / "stack"
@@ -219,3 +219,12 @@ def cost(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Cost]:
     c = Cost(stack, request.node.name)
     yield c
     c.write()  # also what a failed test measured before it failed
+
+
+async def joined(h: Human, timeout: float = 60.0) -> Human:
+    """Join, and wait for the agent and its greeting: then the agent's side of the room is ready for text (a message
+    sent the moment the agent appears can arrive before its data channel is up, and is lost)."""
+    await h.join()
+    await h.wait_for_agent(timeout)
+    await h.next_reply(timeout)
+    return h

@@ -16,7 +16,7 @@ import time
 import pytest
 from letta_client import Letta
 
-from tests.faults.conftest import Cost, Workers
+from tests.faults.conftest import Cost, Workers, joined
 from tests.support.human import Human
 from tests.support.letta_checks import conversations, wait_for
 
@@ -26,11 +26,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.stack]
 @pytest.mark.timeout(240)
 async def test_job_sigkill_mid_session(workers: Workers, letta_sync: Letta, letta_agent: str, cost: Cost) -> None:
     w = await asyncio.to_thread(workers.start, "sigkill")
-    alice = Human(w.info, letta_agent_id=letta_agent)
-    await alice.join()
+    alice = await joined(Human(w.info, letta_agent_id=letta_agent))
     bob: Human | None = None
     try:
-        await alice.wait_for_agent(60)
         assert "(turn 1)" in await alice.ask("before the kill", timeout=60, expect="before the kill")
         mine = [s for s in (await asyncio.to_thread(w.sessions))["sessions"] if s["identity"] == alice.identity]
         assert len(mine) == 1, mine
@@ -57,9 +55,7 @@ async def test_job_sigkill_mid_session(workers: Workers, letta_sync: Letta, lett
         cost["agent_left_room_after_s"] = time.monotonic() - t0
 
         # The next connection (the page's reconnect makes a new room) gets a working agent.
-        bob = Human(w.info, letta_agent_id=letta_agent)
-        await bob.join()
-        await bob.wait_for_agent(60)
+        bob = await joined(Human(w.info, letta_agent_id=letta_agent))
         assert await bob.ask("after the kill", timeout=60, expect="after the kill") == (
             "You said: after the kill. (turn 1)"
         )

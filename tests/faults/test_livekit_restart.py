@@ -15,7 +15,7 @@ import time
 import pytest
 from letta_client import Letta
 
-from tests.faults.conftest import Cost, StackControl, Workers
+from tests.faults.conftest import Cost, StackControl, Workers, joined
 from livekit import rtc
 
 from tests.support.human import Human
@@ -31,11 +31,9 @@ async def test_livekit_restart_under_a_live_worker(
 ) -> None:
     w = await asyncio.to_thread(workers.start, "lk-restart")
     worker_pid = w.proc.proc.pid
-    alice = Human(w.info, letta_agent_id=letta_agent)
-    await alice.join()
+    alice = await joined(Human(w.info, letta_agent_id=letta_agent))
     bob: Human | None = None
     try:
-        await alice.wait_for_agent(60)
         assert "(turn 1)" in await alice.ask("before the restart", timeout=60, expect="before the restart")
         registrations = w.proc.log_text().count("registered worker")
 
@@ -67,9 +65,7 @@ async def test_livekit_restart_under_a_live_worker(
         cost["worker_sessions_for_live_identity"] = len([s for s in doc["sessions"] if s["identity"] == alice.identity])
         cost["worker_totals_resumed"] = doc["totals"]["resumed"]
 
-        bob = Human(w.info, letta_agent_id=letta_agent)
-        await bob.join()
-        await bob.wait_for_agent(60)
+        bob = await joined(Human(w.info, letta_agent_id=letta_agent))
         assert await bob.ask("a new room", timeout=60, expect="a new room") == "You said: a new room. (turn 1)"
         cost["new_room_answered_after_livekit_up_s"] = time.monotonic() - t_up
         cost["sessions_lost"] = 0
