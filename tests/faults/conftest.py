@@ -27,15 +27,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import (  # noqa: F401  (fixtures, re-exported for this directory)
-    Stack,
-    WorkerProc,
-    letta_agent,
-    letta_sync,
-    stack,
-    start_worker,
-)
+from tests.integration import conftest as _integration
+from tests.integration.conftest import Stack, WorkerProc, start_worker
 from tests.support.human import Human, StackInfo
+
+# The integration fixtures this directory uses (the shared test stack, Letta): the same definitions, not copies.
+stack = _integration.stack
+letta_sync = _integration.letta_sync
+letta_agent = _integration.letta_agent
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "scripts" / "stack"
@@ -129,7 +128,9 @@ class Workers:
         self.agent_name = f"sg-fault-{test_name[:24]}-{uuid.uuid4().hex[:6]}"
         self.started: list[FaultWorker] = []
 
-    def start(self, name: str, *, livekit_url: str | None = None, extra_env: dict[str, str] | None = None) -> FaultWorker:
+    def start(
+        self, name: str, *, livekit_url: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> FaultWorker:
         """A worker of this test (all share the test's agent name, so they form one pool); blocking."""
         env = {
             "AGENT_NAME": self.agent_name,

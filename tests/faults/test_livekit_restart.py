@@ -14,10 +14,9 @@ import time
 
 import pytest
 from letta_client import Letta
-
-from tests.faults.conftest import Cost, StackControl, Workers, joined
 from livekit import rtc
 
+from tests.faults.conftest import Cost, StackControl, Workers, joined
 from tests.support.human import Human
 from tests.support.letta_checks import conversations, wait_for
 

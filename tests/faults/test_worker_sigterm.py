@@ -16,7 +16,9 @@ SESSIONS = 10
 
 
 @pytest.mark.timeout(300)
-async def test_worker_sigterm_with_10_live_sessions(stack: Stack, letta_sync: Letta, letta_agent: str, cost: Cost) -> None:
+async def test_worker_sigterm_with_10_live_sessions(
+    stack: Stack, letta_sync: Letta, letta_agent: str, cost: Cost
+) -> None:
     result = await sigterm_with_live_sessions(stack, letta_sync, letta_agent, SESSIONS)
     cost["sessions"] = SESSIONS
     cost["bound_s"] = DRAIN + SHUTDOWN_BOUND

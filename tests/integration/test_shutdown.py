@@ -39,7 +39,9 @@ class ShutdownResult:
     """From the worker's exit until Letta listed none of the sessions' conversations."""
 
 
-async def sigterm_with_live_sessions(stack: Stack, letta_sync: Letta, letta_agent: str, sessions: int) -> ShutdownResult:
+async def sigterm_with_live_sessions(
+    stack: Stack, letta_sync: Letta, letta_agent: str, sessions: int
+) -> ShutdownResult:
     """`sessions` humans in their own rooms, each answered once; SIGTERM the worker; check hooks, Letta and the
     bound."""
     name = f"sg-shutdown-test-{os.getpid()}-{sessions}"
