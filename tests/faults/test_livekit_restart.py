@@ -10,6 +10,7 @@ agents end up in that room (the recreated room is dispatched again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -54,8 +55,16 @@ async def test_livekit_restart_under_a_live_worker(
         await wait_for(
             lambda: asyncio.sleep(0, alice.agent() is not None), 60, "an agent back in alice's room", interval=0.2
         )
-        reply = await alice.ask("after the restart", timeout=60, expect="after the restart")
+        # A reply can be lost to the client right after its reconnect (the agent's transcription arriving before the
+        # client knows the agent's new track): the user says it again, as a user would.
+        reply, attempts = "", 0
+        while not reply and attempts < 3:
+            attempts += 1
+            with contextlib.suppress(TimeoutError):
+                reply = await alice.ask("after the restart", timeout=20, expect="after the restart")
+        assert "You said: after the restart." in reply, "the live session never answered after the restart"
         cost["live_session_answered_after_livekit_up_s"] = time.monotonic() - t_up
+        cost["live_session_attempts"] = attempts
         cost["live_session_reply"] = reply
         await asyncio.sleep(3)  # let a second dispatch (if any) show up
         agents = [p.identity for p in alice.room.remote_participants.values() if p.kind == AGENT]

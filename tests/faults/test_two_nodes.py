@@ -165,11 +165,13 @@ async def test_worker_stopped_while_holding_rooms(
         cost["held_rooms_humans_still_connected"] = sum(1 for h in held if h.room.connection_state == connected)
 
         # New rooms still get an agent (worker B).
+        t_new = time.monotonic()
         dave = await joined(on(b, two_nodes.node1, letta_agent))
         humans.append(dave)
         assert (await dave.ask("new room", timeout=60, expect="new room")).startswith("You said: new room.")
         assert await serving([b], dave.identity) is b
         cost["new_room_answered_after_s"] = time.monotonic() - t0
+        cost["new_room_join_to_answer_s"] = time.monotonic() - t_new
         cost["sessions_lost"] = len(held) if redispatched_after is None else 0
 
         # No data lost: every conversation is retired once everyone hung up, the stopped worker's included (at its
