@@ -54,10 +54,13 @@ async def sigterm_with_live_sessions(
     info = dataclasses.replace(stack.info, agent_name=name)
     humans = [Human(info, letta_agent_id=letta_agent) for _ in range(sessions)]
     try:
+        # One after another, each served before the next arrives: a burst of rooms on a worker whose processes are
+        # still starting can exceed its load threshold (each accepted job waiting for a process counts as
+        # threshold / idle processes), and livekit-server drops a dispatch it could not place.
         for h in humans:
             await h.join()
-        for h in humans:
             await h.wait_for_agent(timeout=60)
+        for h in humans:
             await h.ask(f"hello from {h.identity}", timeout=60, expect=h.identity)
 
         live = (await asyncio.to_thread(httpx.get, worker.url + "/sessions", timeout=5)).json()
