@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import pytest
 from letta_client import Letta
-from livekit import rtc
+from livekit import api, rtc
 
 from tests.faults.conftest import Cost, StackControl, Workers, joined
 from tests.support.human import Human
@@ -67,11 +68,16 @@ async def test_livekit_restart_under_a_live_worker(
         cost["live_session_attempts"] = attempts
         cost["live_session_reply"] = reply
         await asyncio.sleep(3)  # let a second dispatch (if any) show up
-        agents = [p.identity for p in alice.room.remote_participants.values() if p.kind == AGENT]
-        cost["agents_in_live_room_after_restart"] = len(agents)
-        doc = await asyncio.to_thread(w.sessions)
-        cost["worker_sessions_for_live_identity"] = len([s for s in doc["sessions"] if s["identity"] == alice.identity])
-        cost["worker_totals_resumed"] = doc["totals"]["resumed"]
+        cost["second_agent_joined_and_left"] = "already serves room" in w.proc.log_text()
+
+        async def one_agent_one_session() -> bool:
+            doc = await asyncio.to_thread(w.sessions)
+            mine = [s for s in doc["sessions"] if s["identity"] == alice.identity]
+            return len(agents_in(alice)) == 1 and len(mine) == 1
+
+        await wait_for(one_agent_one_session, 20, "one agent and one session in the live room", interval=0.2)
+        cost["agents_in_live_room_after_restart"] = len(agents_in(alice))
+        cost["worker_totals_resumed"] = (await asyncio.to_thread(w.sessions))["totals"]["resumed"]
 
         bob = await joined(Human(w.info, letta_agent_id=letta_agent))
         assert await bob.ask("a new room", timeout=60, expect="a new room") == "You said: a new room. (turn 1)"
@@ -90,3 +96,44 @@ async def test_livekit_restart_under_a_live_worker(
         await alice.hang_up()
         if bob is not None:
             await bob.hang_up()
+
+
+@pytest.mark.timeout(180)
+async def test_a_second_dispatch_into_a_served_room_leaves(workers: Workers, letta_agent: str, cost: Cost) -> None:
+    """What a livekit-server restart can do (the recreated room dispatched again while the old job rejoins it), made
+    deterministic: a second job of the same agent name dispatched into a room that has one. The newer job leaves; the
+    older keeps the session; the human gets one reply per turn."""
+    w = await asyncio.to_thread(workers.start, "second-dispatch")
+    alice = await joined(Human(w.info, letta_agent_id=letta_agent))
+    try:
+        assert "(turn 1)" in await alice.ask("one", timeout=60, expect="one")
+        first = alice.agent()
+        assert first is not None
+        info = w.info
+        t0 = time.monotonic()
+        async with api.LiveKitAPI(info.livekit_url.replace("ws://", "http://"), info.api_key, info.api_secret) as lk:
+            await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(
+                    agent_name=w.agent_name, room=alice.room_name, metadata=json.dumps({"letta_agent_id": letta_agent})
+                )
+            )
+
+        async def second_came_and_went() -> bool:
+            text = w.proc.log_text()
+            return "already serves room" in text and len(agents_in(alice)) == 1
+
+        await wait_for(second_came_and_went, 30, "the second job to leave", interval=0.1)
+        cost["second_job_left_after_s"] = time.monotonic() - t0
+        assert [p.identity for p in agents_in(alice)] == [first.identity]
+        # One reply per turn, from the job that was there first, in the same conversation.
+        assert await alice.ask("two", timeout=60, expect="two") == "You said: two. (turn 2)"
+        await asyncio.sleep(2)
+        assert alice.replies.empty(), "a second reply came"
+        doc = await asyncio.to_thread(w.sessions)
+        assert len([s for s in doc["sessions"] if s["identity"] == alice.identity]) == 1
+    finally:
+        await alice.hang_up()
+
+
+def agents_in(h: Human) -> list[rtc.RemoteParticipant]:
+    return [p for p in h.room.remote_participants.values() if p.kind == AGENT]
