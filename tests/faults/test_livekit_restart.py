@@ -10,7 +10,6 @@ agents end up in that room (the recreated room is dispatched again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 
@@ -56,16 +55,11 @@ async def test_livekit_restart_under_a_live_worker(
         await wait_for(
             lambda: asyncio.sleep(0, alice.agent() is not None), 60, "an agent back in alice's room", interval=0.2
         )
-        # A reply can be lost to the client right after its reconnect (the agent's transcription arriving before the
-        # client knows the agent's new track): the user says it again, as a user would.
-        reply, attempts = "", 0
-        while not reply and attempts < 3:
-            attempts += 1
-            with contextlib.suppress(TimeoutError):
-                reply = await alice.ask("after the restart", timeout=20, expect="after the restart")
-        assert "You said: after the restart." in reply, "the live session never answered after the restart"
+        # Its transcriptions still name the agent's first audio track (published again under a new sid by the
+        # restarted connection): tests/support/human.py, like the page, does not require the agent's current track.
+        reply = await alice.ask("after the restart", timeout=60, expect="after the restart")
+        assert reply == "You said: after the restart. (turn 2)", reply
         cost["live_session_answered_after_livekit_up_s"] = time.monotonic() - t_up
-        cost["live_session_attempts"] = attempts
         cost["live_session_reply"] = reply
         await asyncio.sleep(3)  # let a second dispatch (if any) show up
         cost["second_agent_joined_and_left"] = "already serves room" in w.proc.log_text()
