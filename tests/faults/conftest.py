@@ -139,7 +139,9 @@ class Workers:
             **({"LIVEKIT_URL": livekit_url} if livekit_url else {}),
             **(extra_env or {}),
         }
-        proc = start_worker(self.stack, name=f"fault-{name}", extra_env=env)
+        # 120 s: right after a Letta restart (the outage test) its first answers can take a minute (STACK-NOTES),
+        # and the worker checks Letta before it registers.
+        proc = start_worker(self.stack, name=f"fault-{name}", extra_env=env, timeout=120)
         info = dataclasses.replace(
             self.stack.info, agent_name=self.agent_name, livekit_url=livekit_url or self.stack.info.livekit_url
         )
