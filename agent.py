@@ -27,6 +27,7 @@ from pathlib import Path
 
 from livekit import rtc
 from livekit.agents import JobContext, JobProcess, cli, llm
+from livekit.agents.types import ATTRIBUTE_AGENT_NAME
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 
@@ -125,6 +126,25 @@ def humans_present(room: rtc.Room) -> bool:
     return any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in room.remote_participants.values())
 
 
+def older_agent_of_this_name(room: rtc.Room) -> rtc.RemoteParticipant | None:
+    """Another agent of this agent name that joined the room before this job, if any.
+
+    After a livekit-server restart the room is created again by the first client to rejoin: the old job's rtc.Room
+    rejoins it, and the human's token dispatches a new job into it as well. Two agents would then answer every turn;
+    the older one (which resumed the sessions) stays and the newer one leaves.
+    """
+    me = room.local_participant
+    mine = (me.joined_at, me.identity)
+    for p in room.remote_participants.values():
+        if p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT or p.identity == me.identity:
+            continue
+        if p.attributes.get(ATTRIBUTE_AGENT_NAME) != SETTINGS.agent_name or p.joined_at is None or mine[0] is None:
+            continue
+        if (p.joined_at, p.identity) < mine:
+            return p
+    return None
+
+
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
@@ -200,6 +220,24 @@ async def entrypoint(ctx: JobContext) -> None:
 
     ctx.add_shutdown_callback(close_chat)
     await ctx.connect()
+
+    def leave_if_second_agent(*_: object) -> bool:
+        older = older_agent_of_this_name(ctx.room)
+        if older is None:
+            return False
+        logger.warning(
+            "[SESSION] agent %s already serves room %s (it joined first): this job leaves",
+            older.identity,
+            ctx.room.name,
+            extra={"room": ctx.room.name},
+        )
+        ctx.shutdown(reason="another agent of this name serves the room")
+        return True
+
+    if leave_if_second_agent():
+        return
+    ctx.room.on("participant_connected", leave_if_second_agent)
+    ctx.room.on("reconnected", leave_if_second_agent)
     chat.attach()
     guard.attach()
 

@@ -23,7 +23,8 @@ LK_CLI_VERSION=v2.18.2
 LETTA_VERSION=0.16.8
 PGSERVER_VERSION=0.1.4
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
-APT_PACKAGES=(espeak-ng sox chromium)
+# redis-server: LiveKit's distributed mode (`scripts/stack up --nodes 2`, tests/faults); started by scripts/stack.
+APT_PACKAGES=(espeak-ng sox chromium redis-server)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"

@@ -80,11 +80,14 @@ class Human:
             text = await reader.read_all()
             agent = self.agent()
             # The agent publishes its own speech and, when it transcribes audio, the user's speech on this topic:
-            # only streams about a track the agent published are its replies.
+            # a stream about one of this human's own tracks is the user's speech, every other one is a reply (the
+            # page's rule). Not "a track the agent publishes": after the agent's connection restarts (a LiveKit
+            # restart) its audio track is published again under a new sid, while its transcriptions keep naming
+            # the first one.
             track_id = attrs.get("lk.transcribed_track_id", "")
             if agent is None or sender != agent.identity:
                 return
-            if track_id and track_id not in agent.track_publications:
+            if track_id and track_id in self.room.local_participant.track_publications:
                 return
             await self.replies.put(
                 Reply(

@@ -6,6 +6,7 @@ stays: the busy-port case fails before starting anything.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -29,7 +30,9 @@ def _free_port() -> int:
 def profile_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SG_")}
     env["SG_TEST_STACK_DIR"] = str(tmp_path / "stack")
-    for name in ("LIVEKIT", "LIVEKIT_TCP", "LIVEKIT_UDP", "POSTGRES", "LETTA", "PROVIDER", "WORKER", "WEB"):
+    for name in ("LIVEKIT", "LIVEKIT_TCP", "LIVEKIT_UDP", "POSTGRES", "LETTA", "PROVIDER", "WORKER", "WEB", "REDIS"):
+        env[f"SG_TEST_{name}_PORT"] = str(_free_port())
+    for name in ("LIVEKIT2", "LIVEKIT2_TCP", "LIVEKIT2_UDP"):
         env[f"SG_TEST_{name}_PORT"] = str(_free_port())
     return env
 
@@ -114,3 +117,28 @@ def test_start_of_one_service_refuses_a_port_in_use(profile_env: dict[str, str],
     r = run(profile_env, "start", "provider")
     assert r.returncode == 2
     assert f"port {busy_listener} for provider is already in use" in r.stderr
+
+
+def test_two_nodes_is_refused_while_a_single_node_runs(profile_env: dict[str, str]) -> None:
+    run_dir = Path(profile_env["SG_TEST_STACK_DIR"]) / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "livekit.pid").write_text(f"{os.getpid()}\n")  # alive: this process stands for a running node
+    r = run(profile_env, "up", "--nodes", "2")
+    assert r.returncode == 2
+    assert "runs with 1 node(s)" in r.stderr and "stop livekit" in r.stderr
+    assert not (run_dir / "nodes").exists()
+
+
+def test_two_node_mode_has_redis_and_a_second_node(profile_env: dict[str, str]) -> None:
+    r = run(profile_env, "stop", "livekit2")
+    assert r.returncode == 2 and "unknown service 'livekit2'" in r.stderr  # one node: there is no second
+    run_dir = Path(profile_env["SG_TEST_STACK_DIR"]) / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "nodes").write_text("2\n")
+    r = run(profile_env, "status", "--json")
+    rows = {row["service"]: row for row in json.loads(r.stdout)["services"]}
+    assert rows["redis"]["url"] == f"redis://127.0.0.1:{profile_env['SG_TEST_REDIS_PORT']}"
+    assert rows["livekit2"]["url"] == f"ws://127.0.0.1:{profile_env['SG_TEST_LIVEKIT2_PORT']}"
+    assert rows["livekit2"]["health"] == "down"
+    r = run(profile_env, "env")
+    assert f"SG_LIVEKIT2_URL='ws://127.0.0.1:{profile_env['SG_TEST_LIVEKIT2_PORT']}'" in r.stdout
