@@ -34,7 +34,7 @@ from livekit.plugins import session_guard as sg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
-from sgapp.letta_admin import find_agent_by_name, make_client
+from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
 from sgapp.metrics import USERDATA_KEY as METRICS_KEY
 from sgapp.metrics import JobMetrics
 from sgapp.providers import build_voice, describe, load_vad
@@ -68,6 +68,9 @@ def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
     proc.userdata["vad"] = load_vad()
     proc.userdata[METRICS_KEY] = JobMetrics.create(SETTINGS.metrics_port is not None)
+    took = warm_up_client()  # the job's first Letta call then does not import/initialise inside its event loop
+    if took is not None:
+        logger.debug("Letta client warmed up in %.0f ms", took * 1000)
 
 
 server = sg.SessionGuardServer(
