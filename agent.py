@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client
-from sgapp.providers import build_voice, describe, load_vad
+from sgapp.providers import build_voice, describe, load_models
 from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
 logger = logging.getLogger("session-guard")
@@ -63,7 +63,7 @@ def letta_options() -> letta_plugin.LettaOptions:
 
 def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
-    proc.userdata["vad"] = load_vad()
+    proc.userdata["models"] = load_models(SETTINGS)
 
 
 server = sg.SessionGuardServer(
@@ -73,6 +73,8 @@ server = sg.SessionGuardServer(
     drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+    # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
+    initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
@@ -142,7 +144,7 @@ async def entrypoint(ctx: JobContext) -> None:
         logger.error("[SESSION] cannot serve room %s: %s", ctx.room.name, e, extra={"room": ctx.room.name})
         ctx.shutdown(reason=f"bad Letta configuration: {e}")
         return
-    voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
+    voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
     guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
     chat = sg.ChatRouter(ctx.room)
