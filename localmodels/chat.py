@@ -30,7 +30,7 @@ _VALUE_RE = re.compile(r"<value>\n?(?P<value>.*?)\n?</value>", re.DOTALL)
 _LINE_NUMBER_RE = re.compile(r"^[ \t]*\d+→[ \t]?", re.MULTILINE)
 _EVENT_TYPES = {"heartbeat", "system_alert", "login", "system_message"}
 
-STYLE = "Answer the user in one or two short, friendly sentences. Plain text only."
+STYLE = "Answer the user in English, in one or two short, friendly sentences. Plain text only."
 MAX_SYSTEM_CHARS = 1200
 MAX_TURN_CHARS = 600
 MAX_TURNS = 6

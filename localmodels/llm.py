@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,12 @@ CONTEXT_TOKENS = 4096
 
 
 def model_path() -> Path:
-    p = Path(str(resources.files(MODEL_PACKAGE).joinpath(MODEL_FILE)))
+    # find_spec, not importlib.resources.files: the package's __init__ imports the `llm` CLI it is a plugin for,
+    # which is not installed (--no-deps); only its data file is used.
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the model package {MODEL_PACKAGE} is not installed")
+    p = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{MODEL_PACKAGE} has no {MODEL_FILE} at {p}")
     return p
@@ -39,7 +44,7 @@ class Generation:
 
 
 class LocalLLM:
-    def __init__(self, *, threads: int, temperature: float = 0.6, max_tokens: int = 96) -> None:
+    def __init__(self, *, threads: int, temperature: float = 0.3, max_tokens: int = 96) -> None:
         from llama_cpp import Llama
 
         self.model = Llama(
