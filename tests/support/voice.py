@@ -197,14 +197,23 @@ class VoiceParticipant:
         return None
 
     async def wait_reply_audio(self, after: float, timeout: float = 90.0) -> list[rtc.AudioFrame]:
-        """The agent's audio after `after`, once it has spoken > 1 s and then been quiet for 1.5 s."""
-        async with asyncio.timeout(timeout):
-            while True:
-                frames = [f for t, f in self.audio if t > after]
-                recent = [f for t, f in self.audio if t > time.monotonic() - 1.5]
-                if voiced_seconds(frames) > 1.0 and voiced_seconds(recent) == 0.0:
-                    return frames
-                await asyncio.sleep(0.1)
+        """The agent's audio after `after`, once it has spoken (> 0.4 s of loud audio) and then been quiet for 1.5 s."""
+        frames: list[rtc.AudioFrame] = []
+        recent: list[rtc.AudioFrame] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frames = [f for t, f in self.audio if t > after]
+                    recent = [f for t, f in self.audio if t > time.monotonic() - 1.5]
+                    if voiced_seconds(frames) > 0.4 and voiced_seconds(recent) == 0.0:
+                        return frames
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(
+                f"no complete reply audio within {timeout} s: {len(self.audio)} frames received, "
+                f"{voiced_seconds(frames):.2f} s voiced after {after:.1f}, "
+                f"{voiced_seconds(recent):.2f} s in the last 1.5 s"
+            ) from None
 
     async def aclose(self) -> None:
         for t in list(self.tasks):
