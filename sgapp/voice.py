@@ -37,6 +37,8 @@ _TURN_METRICS = (
     "transcription_delay",
     "end_of_turn_delay",
     "llm_node_ttft",
+    "llm_node_ttfs",
+    "llm_node_tps",
     "tts_node_ttfb",
     "e2e_latency",
 )
@@ -44,8 +46,9 @@ _TURN_METRICS = (
 
 def log_turn_metrics(ev: ConversationItemAddedEvent) -> None:
     """One `[TURN]` line per user/assistant message with the framework's per-turn latencies (ChatMessage.metrics):
-    user: transcription_delay, end_of_turn_delay; assistant: llm_node_ttft, tts_node_ttfb, e2e_latency (end of user
-    speech -> first agent audio). scripts/bench-voice reads these."""
+    user: transcription_delay, end_of_turn_delay; assistant: llm_node_ttft, llm_node_ttfs (first sentence),
+    llm_node_tps, tts_node_ttfb, e2e_latency (end of user speech -> first agent audio). scripts/bench-voice reads
+    these."""
     item = ev.item
     if not isinstance(item, llm.ChatMessage) or item.role not in ("user", "assistant"):
         return
