@@ -140,6 +140,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     if not stream:
         text = "".join([piece async for piece in chat.stream(prompt, max_tokens=max_tokens, gen=gen)]).strip()
+        _log_done(gen)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = gen.finish_reason
         if tool is not None:
@@ -179,6 +180,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 piece = piece.lstrip()
             await send({"content": piece})
         pieces.append(piece)
+    _log_done(gen)
     if tool is None:
         await send({}, gen.finish_reason)
     else:
@@ -207,6 +209,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+def _log_done(gen: Generation) -> None:
+    total = time.perf_counter() - gen.started
+    first = gen.first_token_s if gen.first_token_s is not None else float("nan")
+    logger.info(
+        "chat done: %d prompt tokens, first token %.3f s, %d tokens in %.3f s (%s)",
+        gen.prompt_tokens,
+        first,
+        gen.completion_tokens,
+        total,
+        gen.finish_reason,
+    )
 
 
 def _tool_call(tool: ToolSpec, text: str) -> dict[str, Any]:
