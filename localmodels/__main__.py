@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="localmodels", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8399)
-    ap.add_argument("--threads", type=int, default=max(1, min(4, len(os.sched_getaffinity(0)))))
+    # One thread by default: on a 2-core box the voice worker (whisper, piper) runs at the same moment, and llama.cpp's
+    # threads wait for each other at every step: 2 threads gave 8 tokens/s through Letta there, 1 thread 65
+    # (docs/benchmarks.md). LOCALMODELS_THREADS overrides.
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("LOCALMODELS_THREADS") or 1))
     ap.add_argument("--max-tokens", type=int, default=96, help="cap on generated tokens per reply (spoken replies)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
