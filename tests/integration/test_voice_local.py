@@ -21,12 +21,10 @@ import pytest
 from letta_client import Letta
 from livekit import rtc
 
-from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
 from tests.support.human import StackInfo, make_token
 from tests.support.voice import (
-    LOCAL_PROVIDER,
     VoiceParticipant,
-    ensure_local_provider,
+    create_local_agent,
     read_wav_48k,
     speech_wav,
     words,
@@ -53,23 +51,12 @@ def local_models_url(stack: Stack) -> str:
 
 @pytest.fixture
 def local_agent(stack: Stack, letta_sync: Letta) -> Iterator[str]:
-    ensure_local_provider(stack.letta_url, local_models_url(stack))
-    models = [m for m in letta_sync.models.list() if m.handle and m.model == LOCAL_MODEL]
-    embeddings = [e.handle for e in letta_sync.models.embeddings.list() if e.handle]
-    assert models, f"Letta lists no {LOCAL_MODEL} model after registering {LOCAL_PROVIDER}"
-    embedding = next(h for h in embeddings if h.startswith(LOCAL_PROVIDER + "/"))
-    agent = letta_sync.agents.create(
-        name=f"test-local-{uuid.uuid4().hex[:8]}",
-        model=str(models[0].handle),
-        embedding=embedding,
-        memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
-        tags=["session-guard-test"],
+    agent_id = create_local_agent(
+        letta_sync, stack.letta_url, local_models_url(stack), f"test-local-{uuid.uuid4().hex[:8]}"
     )
-    assert agent.llm_config.model == LOCAL_MODEL
-    assert agent.llm_config.api_model_endpoint == local_models_url(stack)
-    yield agent.id
+    yield agent_id
     with contextlib.suppress(Exception):
-        letta_sync.agents.delete(agent.id)
+        letta_sync.agents.delete(agent_id)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,26 @@ def ensure_local_provider(letta_url: str, localmodels_url: str) -> None:
             http.patch(f"{url}{pid}/refresh").raise_for_status()
 
 
+def create_local_agent(letta: Any, letta_url: str, localmodels_url: str, name: str) -> str:
+    """A Letta agent (sync client) on the local model server: its model and a MiniLM embedding handle."""
+    from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
+
+    ensure_local_provider(letta_url, localmodels_url)
+    models = [m for m in letta.models.list() if m.handle and m.model == LOCAL_MODEL]
+    assert models, f"Letta lists no {LOCAL_MODEL} model after registering {LOCAL_PROVIDER}"
+    embedding = next(e.handle for e in letta.models.embeddings.list() if (e.handle or "").startswith(LOCAL_PROVIDER))
+    agent = letta.agents.create(
+        name=name,
+        model=str(models[0].handle),
+        embedding=embedding,
+        memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
+        tags=["session-guard-test"],
+    )
+    assert agent.llm_config.model == LOCAL_MODEL
+    assert agent.llm_config.api_model_endpoint == localmodels_url
+    return str(agent.id)
+
+
 def speech_wav(voice: offline.PiperTTS, text: str, path: Path) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
