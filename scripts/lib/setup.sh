@@ -25,7 +25,8 @@ PGSERVER_VERSION=0.1.4
 # The local model server (localmodels/): llama-cpp-python is source-only on PyPI; its wheel is built once and cached.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
-APT_PACKAGES=(espeak-ng sox chromium)
+# cmake, g++: llama-cpp-python (the local model server) is compiled once from its sdist.
+APT_PACKAGES=(espeak-ng sox chromium cmake g++)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"
