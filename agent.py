@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from livekit import rtc
-from livekit.agents import AgentServer, JobContext, JobProcess, cli, llm
+from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 
@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client
+from sgapp.metrics import USERDATA_KEY as METRICS_KEY
+from sgapp.metrics import JobMetrics
 from sgapp.providers import build_voice, describe, load_models
 from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
@@ -64,6 +66,7 @@ def letta_options() -> letta_plugin.LettaOptions:
 def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
     proc.userdata["models"] = load_models(SETTINGS)
+    proc.userdata[METRICS_KEY] = JobMetrics.create(SETTINGS.metrics_port is not None)
 
 
 server = sg.SessionGuardServer(
@@ -73,21 +76,17 @@ server = sg.SessionGuardServer(
     drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
     shutdown_process_timeout=15.0,
     num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+    prometheus_port=SETTINGS.metrics_port,  # /metrics, multiprocess: docs/operations.md
+    # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
+    # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
+    # CPU crosses that while the worker is idle, and dispatches are dropped without a word. It also lets an idle
+    # worker accept simultaneous dispatches (SessionGuardServer's docstring).
+    max_jobs=SETTINGS.max_jobs,
     # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
     initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
-if SETTINGS.max_jobs is not None:
-    # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
-    # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
-    # CPU crosses that while the worker is idle, and dispatches are dropped without a word.
-    max_jobs = SETTINGS.max_jobs
-
-    def job_count_load(srv: AgentServer) -> float:
-        return min(1.0, len(srv.active_jobs) / max_jobs)
-
-    server.load_fnc = job_count_load
 
 
 async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> str:
@@ -131,7 +130,8 @@ def humans_present(room: rtc.Room) -> bool:
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
-    letta = letta_plugin.LettaSessions(client, letta_options())
+    metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
+    letta = letta_plugin.LettaSessions(client, letta_options(), metrics=metrics.letta)
 
     async def close_letta(_: str) -> None:
         await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
@@ -146,7 +146,9 @@ async def entrypoint(ctx: JobContext) -> None:
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
-    guard = sg.SessionGuard(ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window))
+    guard = sg.SessionGuard(
+        ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window), metrics=metrics.guard
+    )
     chat = sg.ChatRouter(ctx.room)
 
     # Before the app's own hooks: the session's conversation exists when on_start asks for its LLM.

@@ -93,6 +93,8 @@ class Settings:
     """A job whose room never had a human session this long after joining deletes the room and ends."""
     max_jobs: int | None = None
     """When set, the worker reports its load as active jobs / max_jobs instead of machine CPU."""
+    metrics_port: int | None = None
+    """Port of the worker's Prometheus `/metrics` (SG_METRICS_PORT); None: no metrics."""
 
     local_models_url: str | None = None
     """The local model server Letta uses in `local` mode (informational: the worker itself does not call it)."""
@@ -104,6 +106,16 @@ class Settings:
     @property
     def stt_tts_api_key(self) -> str:
         return (self.openai_api_key or "") if self.provider == "openai" else "sk-local-test-provider"
+
+
+def _metrics_port(env: Mapping[str, str], worker_port: int) -> int | None:
+    raw = env.get("SG_METRICS_PORT", "").strip().lower()
+    if raw in ("", "0", "off", "no", "false"):
+        return None
+    port = env_int(env, "SG_METRICS_PORT", 0, minimum=1)
+    if port == worker_port:
+        raise ConfigError(f"SG_METRICS_PORT={port} is also SG_WORKER_PORT: the metrics server needs its own port")
+    return port
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +141,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     agent_id = env.get("LETTA_AGENT_ID", "").strip() or None
     if agent_id is not None and not agent_id.startswith("agent-"):
         raise ConfigError(f"LETTA_AGENT_ID={agent_id!r} does not look like a Letta agent id (agent-...)")
+    worker_port = env_int(env, "SG_WORKER_PORT", 8081, minimum=1)
     return Settings(
         livekit_url=_url(env, "LIVEKIT_URL", "ws://127.0.0.1:7880", ("ws", "wss", "http", "https")),
         livekit_api_key=key,
@@ -144,13 +157,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         openai_api_key=openai_key,
         openai_base_url=(env.get("OPENAI_BASE_URL", "").strip() or None),
         test_provider_url=test_url,
-        worker_port=env_int(env, "SG_WORKER_PORT", 8081, minimum=1),
+        worker_port=worker_port,
         web_port=env_int(env, "SG_WEB_PORT", 9000, minimum=1),
         reconnect_window=env_float(env, "SG_RECONNECT_WINDOW", 30.0),
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
         load_threshold=env_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
         no_show_timeout=env_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
         max_jobs=env_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
+        metrics_port=_metrics_port(env, worker_port),
         local_models_url=_url(env, "SG_LOCALMODELS_URL", "http://127.0.0.1:8399/v1", ("http",))
         if provider == "local"
         else None,

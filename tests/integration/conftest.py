@@ -210,6 +210,8 @@ def start_worker(
         # Short enough that "the window expired" tests do not wait 30 s; long enough to rejoin inside it.
         "SG_RECONNECT_WINDOW": "10",
         "SG_NO_SHOW_TIMEOUT": "5",
+        # Every test worker serves /metrics on a port of its own (scripts/test exports the profile's one port).
+        "SG_METRICS_PORT": str(free_port()),
         **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)

@@ -39,6 +39,13 @@ BOUND = 5.0
 """A turn's apology, a session's end: well within the guard's own bounds (hook 10 s, shutdown 10 s)."""
 
 
+async def hears(h: Human, text: str, timeout: float = BOUND) -> None:
+    """Wait until `h` has received a reply containing `text` (whoever it was for)."""
+    async with asyncio.timeout(timeout):
+        while text not in await h.next_reply(timeout):
+            pass
+
+
 class LettaControl:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -105,6 +112,9 @@ async def test_letta_stopped_mid_session_then_started_again(
             t0 = time.monotonic()
             assert await bob.ask(f"{bob.identity} during", expect=DEFAULT_APOLOGY) == DEFAULT_APOLOGY
             assert time.monotonic() - t0 < BOUND, "the apology came late"
+            # Transcriptions go to everyone in the room: dave hears bob's apology too. Let it arrive before dave's
+            # own turns, or his first ask could take bob's apology for his and send the next turn on top of it.
+            await hears(dave, DEFAULT_APOLOGY)
 
             # The guard's breaker counts failed turns: the fifth in a row ends dave's session (with its goodbye).
             t0 = time.monotonic()

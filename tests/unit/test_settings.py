@@ -48,8 +48,17 @@ def test_a_key_selects_openai() -> None:
         ({"SG_WORKER_PORT": "70000"}, "SG_WORKER_PORT"),
         ({"SG_RECONNECT_WINDOW": "-1"}, "SG_RECONNECT_WINDOW"),
         ({"LETTA_AGENT_ID": "1234"}, "LETTA_AGENT_ID"),
+        ({"SG_METRICS_PORT": "nine"}, "SG_METRICS_PORT"),
+        ({"SG_METRICS_PORT": "70000"}, "SG_METRICS_PORT"),
+        ({"SG_METRICS_PORT": "8081"}, "SG_METRICS_PORT"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         load_settings({**BASE, **env})
+
+
+@pytest.mark.parametrize(("raw", "port"), [(None, None), ("", None), ("0", None), ("off", None), ("9464", 9464)])
+def test_metrics_port_is_off_unless_set(raw: str | None, port: int | None) -> None:
+    env = {**BASE} if raw is None else {**BASE, "SG_METRICS_PORT": raw}
+    assert load_settings(env).metrics_port == port

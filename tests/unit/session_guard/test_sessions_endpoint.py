@@ -203,3 +203,10 @@ async def test_install_on_an_existing_agent_server_uses_a_fresh_state_dir() -> N
         "the worker's temporary state dir is removed when it closes"
     )
     assert STATE_DIR_ENV not in os.environ
+
+
+def test_max_jobs_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_jobs must be >= 1"):
+        SessionGuardServer(port=0, max_jobs=0, sessions_state_dir=tmp_path)
+    with pytest.raises(ValueError, match="one or the other"):
+        SessionGuardServer(port=0, max_jobs=2, load_fnc=lambda: 0.0, sessions_state_dir=tmp_path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from livekit.agents import Plugin
 
-from .backend import LettaBackend, LettaStats
+from .backend import LettaBackend, LettaMetricsSink, LettaStats
 from .cache import BlockCache, BlockSnapshot, CacheStats, MemoryBlock
 from .conversation import ConversationMode, LettaConversation, TurnResult
 from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
@@ -36,6 +36,7 @@ __all__ = [
     "LettaError",
     "LettaLLM",
     "LettaLLMStream",
+    "LettaMetricsSink",
     "LettaOptions",
     "LettaSessions",
     "LettaStats",

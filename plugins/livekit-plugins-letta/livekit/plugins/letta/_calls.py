@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from letta_client import APIConnectionError, APIStatusError, APITimeoutError
 
-from .errors import LettaConfigError, LettaUnavailableError
+from .errors import LettaConfigError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
 
-__all__ = ["bounded", "is_busy", "is_not_found", "short_detail"]
+__all__ = ["bounded", "error_kind", "is_busy", "is_not_found", "short_detail"]
 
 T = TypeVar("T")
 
@@ -24,6 +24,23 @@ def short_detail(e: BaseException, limit: int = 300) -> str:
         if detail:
             return str(detail)[:limit]
     return (str(e) or type(e).__name__)[:limit]
+
+
+def error_kind(e: BaseException) -> str:
+    """A short, bounded name for what went wrong (a metrics label): `timeout` (a turn's own bound), `unavailable`
+    (no answer, unreachable, 5xx, 429), `config` (401/403, unknown agent), `turn` (an error inside a turn's stream),
+    `http_<status>` for other answers Letta refused, else `other`."""
+    if isinstance(e, LettaTimeoutError):
+        return "timeout"
+    if isinstance(e, LettaUnavailableError):
+        return "unavailable"
+    if isinstance(e, LettaConfigError):
+        return "config"
+    if isinstance(e, LettaTurnError):
+        return f"http_{e.status_code}" if e.status_code is not None else "turn"
+    if isinstance(e, APIStatusError):
+        return f"http_{e.status_code}"
+    return "other"
 
 
 def is_not_found(e: BaseException) -> bool:

@@ -4,20 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from letta_client import AsyncLetta
 from livekit.plugins.session_guard import TaskScope
 
 from . import _logfmt as lf
-from ._calls import bounded, is_not_found
+from ._calls import bounded, error_kind, is_not_found
 from .cache import BlockCache, MemoryBlock
 from .errors import LettaUnavailableError
 from .options import LettaOptions
 
-__all__ = ["LettaBackend", "LettaStats"]
+__all__ = ["LettaBackend", "LettaMetricsSink", "LettaStats"]
 
 T = TypeVar("T")
 
@@ -42,6 +43,19 @@ class LettaStats:
         return asdict(self)
 
 
+class LettaMetricsSink(Protocol):
+    """Where the plugin reports the latency and outcome of its Letta requests (``LettaSessions(metrics=...)``);
+    ``metrics.LettaMetrics`` turns them into Prometheus metrics. Called on the event loop: keep it cheap."""
+
+    def request_finished(self, operation: str, seconds: float, error: str | None) -> None:
+        """One request (``operation``: ``turn``, ``conversation_create``, ...) ended after ``seconds``; ``error`` is
+        None on success, else its kind (``unavailable``, ``timeout``, ``config``, ``turn``, ``http_404``, ...).
+        Requests cancelled by the caller (an interrupted turn) are not reported."""
+
+    def turn_first_token(self, seconds: float) -> None:
+        """A turn's first spoken token came ``seconds`` after the turn began."""
+
+
 class LettaBackend:
     """Shared by the conversations of one job. `scope` owns work that must outlive a session (creating a
     conversation, retiring one); the owner closes it."""
@@ -53,7 +67,9 @@ class LettaBackend:
         *,
         scope: TaskScope,
         cache: BlockCache | None = None,
+        metrics: LettaMetricsSink | None = None,
     ) -> None:
+        self.metrics = metrics
         # Never retried by the SDK: a stateful agent must not get the same message twice; this plugin decides what
         # to retry (only what Letta did not accept).
         self.client = client.with_options(max_retries=0)
@@ -71,15 +87,45 @@ class LettaBackend:
 
     # -- requests
 
-    async def call(self, what: str, fn: Callable[[float], Awaitable[T]], timeout: float | None = None) -> T:
-        """A bounded request (see `_calls.bounded`); keeps track of whether Letta is reachable."""
+    async def call(
+        self, what: str, fn: Callable[[float], Awaitable[T]], timeout: float | None = None, *, op: str = "other"
+    ) -> T:
+        """A bounded request (see `_calls.bounded`); keeps track of whether Letta is reachable. `op` names the
+        request in metrics (a small fixed set: `conversation_create`, `blocks_list`, ...)."""
+        t0 = time.perf_counter()
         try:
             result = await bounded(what, self.base_url, fn, timeout or self.options.request_timeout)
-        except LettaUnavailableError:
+        except LettaUnavailableError as e:
             self.note_unreachable()
+            self.observe(op, time.perf_counter() - t0, e)
             raise
+        except Exception as e:
+            self.observe(op, time.perf_counter() - t0, e)
+            raise
+        self.observe(op, time.perf_counter() - t0, None)
         self.note_reachable()
         return result
+
+    def observe(self, op: str, seconds: float, error: BaseException | None) -> None:
+        """Report one request to the metrics sink, if any; a failing sink is logged once and dropped."""
+        sink = self.metrics
+        if sink is None:
+            return
+        try:
+            sink.request_finished(op, seconds, None if error is None else error_kind(error))
+        except Exception as e:
+            self.metrics = None
+            lf.warning("the metrics sink failed: metrics off for this job", error=repr(e))
+
+    def observe_first_token(self, seconds: float) -> None:
+        sink = self.metrics
+        if sink is None:
+            return
+        try:
+            sink.turn_first_token(seconds)
+        except Exception as e:
+            self.metrics = None
+            lf.warning("the metrics sink failed: metrics off for this job", error=repr(e))
 
     def note_unreachable(self) -> None:
         self._unreachable = True
@@ -99,6 +145,7 @@ class LettaBackend:
         page = await self.call(
             f"reading the memory blocks of {agent_id}",
             lambda t: self.client.agents.blocks.list(agent_id, timeout=t),
+            op="blocks_list",
         )
         return [MemoryBlock.from_sdk(b) for b in page.items]
 
@@ -112,7 +159,9 @@ class LettaBackend:
             if self._conversations is None:
                 try:
                     await self.call(
-                        "probing the conversations API", lambda t: self.client.conversations.list(limit=1, timeout=t)
+                        "probing the conversations API",
+                        lambda t: self.client.conversations.list(limit=1, timeout=t),
+                        op="conversations_probe",
                     )
                     self._conversations = True
                 except Exception as e:

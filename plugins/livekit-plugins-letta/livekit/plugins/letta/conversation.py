@@ -202,6 +202,7 @@ class LettaConversation:
                 conv = await b.call(
                     f"creating a conversation for agent {self.agent_id}",
                     lambda t: b.client.conversations.create(agent_id=self.agent_id, timeout=t),
+                    op="conversation_create",
                 )
             except APIStatusError as e:
                 if is_not_found(e):
@@ -258,6 +259,7 @@ class LettaConversation:
             await b.call(
                 f"resetting the history of agent {self.agent_id}",
                 lambda t: b.client.agents.messages.reset(self.agent_id, timeout=t),
+                op="agent_reset",
             )
             self._agent_reset_done = True
             b.stats.agent_resets += 1
@@ -315,6 +317,7 @@ class LettaConversation:
             await b.call(
                 f"recompiling conversation {conv_id}",
                 lambda t: b.client.conversations.recompile(conv_id, timeout=t),
+                op="conversation_recompile",
             )
         except (LettaError, APIStatusError) as e:
             lf.warning("recompile failed; the conversation still shows the old memory", error=str(e), **self._fields())
@@ -354,6 +357,7 @@ class LettaConversation:
         memory_changed = recompiled = False
         tool_names: dict[str, str] = {}
         pieces: list[str] = []
+        failure: Exception | None = None
         try:
             try:
                 async with asyncio.timeout_at(t0 + min(opts.first_token_timeout, opts.total_timeout)) as deadline:
@@ -435,6 +439,9 @@ class LettaConversation:
             if sent and not completed:
                 b.stats.interrupted_turns += 1
             raise
+        except Exception as e:
+            failure = e
+            raise
         finally:
             if stream is not None:
                 await _close_quietly(stream)
@@ -451,6 +458,10 @@ class LettaConversation:
                 self._lock.release()
             if not completed and not cut:
                 b.stats.turn_errors += 1
+            if first_at is not None:
+                b.observe_first_token(first_at - t0)
+            if completed or failure is not None:
+                b.observe("turn", loop.time() - t0, None if completed else failure)
             lf.debug(
                 "turn",
                 first_token_ms=round((first_at - t0) * 1000) if first_at is not None else None,
@@ -548,12 +559,14 @@ class LettaConversation:
                 await b.call(
                     f"cancelling runs of agent {self.agent_id}",
                     lambda t: b.client.agents.messages.cancel(self.agent_id, run_ids=[run] if run else omit, timeout=t),
+                    op="run_cancel",
                 )
             elif self._conversation_id is not None:
                 conv_id = self._conversation_id
                 await b.call(
                     f"cancelling runs of conversation {conv_id}",
                     lambda t: b.client.conversations.cancel(conv_id, timeout=t),
+                    op="run_cancel",
                 )
         except APIStatusError as e:
             if e.status_code not in (404, 409):  # 409: no active run (it had finished); 404: gone
@@ -563,7 +576,7 @@ class LettaConversation:
         b = self.backend
         pause = 0.05
         while True:
-            r = await b.call(f"reading run {run}", lambda t: b.client.runs.retrieve(run, timeout=t))
+            r = await b.call(f"reading run {run}", lambda t: b.client.runs.retrieve(run, timeout=t), op="run_retrieve")
             status = str(r.status or "")
             if status in _TERMINAL:
                 return status

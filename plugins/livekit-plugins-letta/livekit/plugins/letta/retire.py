@@ -269,6 +269,7 @@ class Retirements:
                 await b.call(
                     f"cancelling runs of conversation {conv_id}",
                     lambda t: b.client.conversations.cancel(conv_id, timeout=t),
+                    op="run_cancel",
                 )
             except APIStatusError as e:
                 if e.status_code not in (404, 409):
@@ -279,7 +280,9 @@ class Retirements:
             item.summarize = False
         try:
             await b.call(
-                f"deleting conversation {conv_id}", lambda t: b.client.conversations.delete(conv_id, timeout=t)
+                f"deleting conversation {conv_id}",
+                lambda t: b.client.conversations.delete(conv_id, timeout=t),
+                op="conversation_delete",
             )
         except APIStatusError as e:
             if e.status_code != 404:
@@ -296,6 +299,7 @@ class Retirements:
                 await b.call(
                     f"cancelling runs of agent {item.agent_id}",
                     lambda t: b.client.agents.messages.cancel(item.agent_id, timeout=t),
+                    op="run_cancel",
                 )
             except APIStatusError as e:
                 if e.status_code not in (404, 409):
@@ -304,6 +308,7 @@ class Retirements:
         await b.call(
             f"resetting the history of agent {item.agent_id}",
             lambda t: b.client.agents.messages.reset(item.agent_id, timeout=t),
+            op="agent_reset",
         )
         b.stats.agent_resets += 1
 
@@ -317,6 +322,7 @@ class Retirements:
             page = await b.call(
                 f"reading conversation {conv_id}",
                 lambda t: b.client.conversations.messages.list(conv_id, order="asc", limit=200, timeout=t),
+                op="messages_list",
             )
         except APIStatusError as e:
             if e.status_code == 404:
@@ -330,6 +336,7 @@ class Retirements:
             lambda t: b.client.agents.passages.create(
                 item.agent_id, text=text, tags=["voice-session-summary"], timeout=t
             ),
+            op="passage_create",
         )
         b.stats.summaries += 1
         lf.info("session summary written to archival memory", chars=len(text), **item.ids())

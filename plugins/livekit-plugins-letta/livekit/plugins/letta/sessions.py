@@ -35,7 +35,7 @@ from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard,
 
 from . import _logfmt as lf
 from ._calls import is_not_found, short_detail
-from .backend import LettaBackend, LettaStats
+from .backend import LettaBackend, LettaMetricsSink, LettaStats
 from .cache import BlockCache, MemoryBlock
 from .conversation import LettaConversation
 from .errors import LettaConfigError, LettaUnavailableError
@@ -82,10 +82,12 @@ class LettaSessions:
         options: LettaOptions | None = None,
         *,
         cache: BlockCache | None = None,
+        metrics: LettaMetricsSink | None = None,
     ) -> None:
+        """`metrics`: where to report each request's latency and errors (e.g. `metrics.LettaMetrics`)."""
         self._opts = options or LettaOptions()
         self._scope = TaskScope("letta")
-        self._backend = LettaBackend(client, self._opts, scope=self._scope, cache=cache)
+        self._backend = LettaBackend(client, self._opts, scope=self._scope, cache=cache, metrics=metrics)
         self._journal = RetirementJournal(self._opts.journal_dir) if self._opts.journal_dir else None
         self._retirements = Retirements(self._backend, self._journal)
         self._backend.on_reachable = self._on_reachable
@@ -127,7 +129,7 @@ class LettaSessions:
         """Letta's version; raises LettaConfigError when the URL is not a reachable Letta server."""
         b = self._backend
         try:
-            health = await b.call("checking the Letta server", lambda t: b.client.health(timeout=t))
+            health = await b.call("checking the Letta server", lambda t: b.client.health(timeout=t), op="health")
         except LettaUnavailableError as e:
             raise LettaConfigError(f"{e} (check LETTA_BASE_URL)") from e
         except Exception as e:
@@ -150,6 +152,7 @@ class LettaSessions:
             agent = await b.call(
                 f"looking up agent {agent_id}",
                 lambda t: b.client.agents.retrieve(agent_id, include=["agent.blocks"], timeout=t),
+                op="agent_retrieve",
             )
         except LettaUnavailableError:
             raise

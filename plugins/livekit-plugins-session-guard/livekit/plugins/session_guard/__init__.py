@@ -20,6 +20,7 @@ from .endpoint import (
 from .guard import (
     Connection,
     EndHook,
+    GuardMetricsSink,
     GuardSession,
     Notice,
     NoticeHook,
@@ -51,6 +52,7 @@ __all__ = [
     "Connection",
     "EndHook",
     "EndReason",
+    "GuardMetricsSink",
     "GuardSession",
     "LeakKeeper",
     "Notice",

@@ -26,6 +26,8 @@ from .state_dir import STATE_DIR_ENV, read_state_dir
 if TYPE_CHECKING:
     from livekit.agents.utils.http_server import HttpServer
 
+    from .metrics import MultiprocessDir
+
 __all__ = ["SessionGuardServer", "SessionsEndpoint", "SessionsEndpointMixin", "install_sessions_endpoint"]
 
 _HTTP_ATTR = "_session_guard_http_server"
@@ -125,7 +127,16 @@ class SessionsEndpointMixin:
 class SessionGuardServer(SessionsEndpointMixin, AgentServer):
     """An ``AgentServer`` whose health server also answers ``GET /sessions``.
 
-    Same arguments as ``AgentServer``, plus ``sessions_path`` and ``sessions_state_dir``.
+    Same arguments as ``AgentServer``, plus ``sessions_path`` and ``sessions_state_dir``. With
+    ``prometheus_port``, the framework's ``/metrics`` server runs in multiprocess mode on a directory of this
+    worker run (``prometheus_multiproc_dir``, else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary one),
+    emptied at start, with dead job processes' live gauges removed: see :mod:`.metrics`.
+
+    With ``max_jobs=N`` the worker's load is its job count over N (not machine CPU), and a job accepted but not
+    yet running counts as exactly 1/N. The framework (1.8.9) otherwise counts each such job as
+    ``load_threshold / num_idle_processes`` while no job runs: with one idle process, an idle worker answers
+    "not available" to the second of two dispatches that arrive together, and that user gets no agent if no other
+    worker is free.
     """
 
     def __init__(
@@ -133,10 +144,53 @@ class SessionGuardServer(SessionsEndpointMixin, AgentServer):
         *args: Any,
         sessions_path: str = "/sessions",
         sessions_state_dir: str | os.PathLike[str] | None = None,
+        max_jobs: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if max_jobs is not None:
+            if max_jobs < 1:
+                raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
+            if kwargs.get("load_fnc") is not None:
+                raise ValueError("max_jobs sets the load function: pass one or the other")
+            kwargs["load_fnc"] = _job_count_load
+        self.max_jobs = max_jobs
         self.sessions_endpoint = SessionsEndpoint(path=sessions_path, state_dir=sessions_state_dir)
+        self.metrics_dir: MultiprocessDir | None = None
+        if kwargs.get("prometheus_port") is not None:
+            from .metrics import MultiprocessDir  # prometheus_client only when metrics are on
+
+            self.metrics_dir = MultiprocessDir(kwargs.pop("prometheus_multiproc_dir", None))
         super().__init__(*args, **kwargs)
+
+    def _get_effective_load(self) -> float:
+        if self.max_jobs is None:
+            return super()._get_effective_load()
+        # running jobs plus the ones accepted and not launched yet (counted once more while they start: on the safe
+        # side by one job for a moment)
+        return min(1.0, (len(self.active_jobs) + self._reserved_slots) / self.max_jobs)
+
+    async def run(self, *, devmode: bool = False, unregistered: bool = False) -> None:
+        if self.metrics_dir is not None:
+            # before the framework reads $PROMETHEUS_MULTIPROC_DIR and before any job process (or the forkserver)
+            # starts; the framework then empties it again, which is harmless
+            path = self.metrics_dir.prepare()
+            self.metrics_dir.attach(self)
+            logger.info("[SESSION] Prometheus multiprocess directory %s", path)
+        await super().run(devmode=devmode, unregistered=unregistered)
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            if self.metrics_dir is not None:
+                self.metrics_dir.close()
+
+
+def _job_count_load(server: AgentServer) -> float:
+    max_jobs = getattr(server, "max_jobs", None)
+    if not isinstance(max_jobs, int) or max_jobs < 1:
+        raise RuntimeError("_job_count_load is the load function of a SessionGuardServer with max_jobs")
+    return min(1.0, len(server.active_jobs) / max_jobs)
 
 
 def install_sessions_endpoint(

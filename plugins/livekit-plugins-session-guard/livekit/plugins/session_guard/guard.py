@@ -16,9 +16,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from livekit import rtc
 
@@ -54,6 +54,7 @@ from .core import (
     TasksLeaked,
     TimerFired,
     TimerKind,
+    Totals,
     TrackAdded,
     TrackPublished,
     TrackRemoved,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Connection",
     "EndHook",
+    "GuardMetricsSink",
     "GuardSession",
     "Notice",
     "NoticeHook",
@@ -100,6 +102,25 @@ NoticeHook = Callable[["GuardSession", Notice], Awaitable[None]]
 """notice hooks: ``async def hook(session, notice) -> None`` (speak or send ``notice.text``)."""
 RoomHook = Callable[[], Awaitable[None]]
 """last-human-gone hooks: ``async def hook() -> None``."""
+
+
+class GuardMetricsSink(Protocol):
+    """Where a guard reports what it counts (``SessionGuard(metrics=...)``); ``metrics.SessionGuardMetrics`` turns
+    it into Prometheus metrics. Called synchronously from the guard's event handling: keep it cheap, never block.
+    An exception is logged once and the sink is then ignored."""
+
+    def totals_changed(self, delta: Mapping[str, int]) -> None:
+        """The ``/sessions`` totals that grew in one step, by key (``started``, ``resumed``, ``cleanups``,
+        ``stale_events_ignored``, ``cleanup_errors``, ``tasks_leaked``; ``ended`` comes with its reason instead)."""
+
+    def session_ended(self, reason: EndReason) -> None:
+        """A session began to end (once per session, with the reason)."""
+
+    def cleanup_observed(self, reason: EndReason, seconds: float) -> None:
+        """A cleanup finished (not cut short by shutdown): end decided -> everything cleaned, in seconds."""
+
+    def live_changed(self, delta: int) -> None:
+        """+1 when a session starts, -1 when it is gone (its cleanup finished or was cut short)."""
 
 
 def _reason_name(reason: int | None) -> str:
@@ -631,10 +652,12 @@ class _Runner:
             for scope in (s.connection.scope, s.scope):
                 for t in scope.cancel_all():
                     g._leaks.keep(t)
-        g._runners.pop((s.identity, s.generation), None)
+        g._drop_runner((s.identity, s.generation))
         if eff is None:
             return
         duration = g._now() - started if started is not None else None
+        if duration is not None:
+            g._observe("cleanup_observed", eff.reason, duration)
         level = logging.WARNING if (self.cleanup_errors or self.leaked or forced) else logging.INFO
         lf.log_line(
             level,
@@ -680,10 +703,13 @@ class SessionGuard:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         job_id: str | None = None,
+        metrics: GuardMetricsSink | None = None,
     ) -> None:
         """``state_dir``: where to publish snapshots for the worker's ``/sessions`` (default: the
         ``SESSION_GUARD_STATE_DIR`` env var, set by the worker; no publishing if neither).
-        ``job_id``: names the snapshot file (default: the current job's id)."""
+        ``job_id``: names the snapshot file (default: the current job's id).
+        ``metrics``: where to report counts, ends, cleanup latencies (e.g. ``metrics.SessionGuardMetrics``)."""
+        self._metrics = metrics
         self._room = room
         self._opts = options or SessionGuardOptions()
         self._config = self._opts.core_config()
@@ -1033,7 +1059,10 @@ class SessionGuard:
         try:
             while self._inbox:
                 ev, ev_refs = self._inbox.popleft()
+                before = self._state.totals
                 self._state, effects = step(self._state, ev, self._config)
+                if self._metrics is not None and self._state.totals is not before:
+                    self._observe_totals(before, self._state.totals)
                 for eff in effects:
                     try:
                         self._apply(eff, ev_refs)
@@ -1056,7 +1085,30 @@ class SessionGuard:
                 s.resumes = rec.resumes
 
     def _forget_runner(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
-        self._runners.pop(key, None)
+        self._drop_runner(key)
+
+    def _drop_runner(self, key: tuple[str, int]) -> None:
+        """The session is gone (cleanup finished, or its runner ended without one): once per runner."""
+        if self._runners.pop(key, None) is not None:
+            self._observe("live_changed", -1)
+
+    # -- metrics (never allowed to break the guard)
+
+    def _observe(self, method: str, *args: Any) -> None:
+        sink = self._metrics
+        if sink is None:
+            return
+        try:
+            getattr(sink, method)(*args)
+        except Exception:
+            self._metrics = None
+            logger.exception("[SESSION] the metrics sink %r failed in %s: metrics off for this guard", sink, method)
+
+    def _observe_totals(self, before: Totals, after: Totals) -> None:
+        old, new = before.as_dict(), after.as_dict()
+        delta = {k: new[k] - old[k] for k in new if k != "ended" and new[k] != old[k]}
+        if delta:
+            self._observe("totals_changed", delta)
 
     def _runner(self, identity: str, generation: int) -> _Runner | None:
         return self._runners.get((identity, generation))
@@ -1099,6 +1151,7 @@ class SessionGuard:
             )
             runner = _Runner(self, session)
             self._runners[(eff.identity, eff.generation)] = runner
+            self._observe("live_changed", 1)
             runner.task.add_done_callback(functools.partial(self._forget_runner, (eff.identity, eff.generation)))
             lf.info(
                 "SESSION",
@@ -1153,6 +1206,7 @@ class SessionGuard:
                 notice = Notice(eff.notice, self._opts.notice_text(eff.notice))
                 runner.submit(_NoticeJob(runner.session.connection, notice))
         elif isinstance(eff, BeginCleanup):
+            self._observe("session_ended", eff.reason)
             runner = self._runner(eff.identity, eff.generation)
             if runner is None:
                 return
