@@ -37,7 +37,7 @@ from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
 from sgapp.metrics import USERDATA_KEY as METRICS_KEY
 from sgapp.metrics import JobMetrics
-from sgapp.providers import build_voice, describe, load_vad
+from sgapp.providers import build_voice, describe, load_models
 from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
 logger = logging.getLogger("session-guard")
@@ -66,7 +66,7 @@ def letta_options() -> letta_plugin.LettaOptions:
 
 def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
-    proc.userdata["vad"] = load_vad()
+    proc.userdata["models"] = load_models(SETTINGS)
     proc.userdata[METRICS_KEY] = JobMetrics.create(SETTINGS.metrics_port is not None)
     took = warm_up_client()  # the job's first Letta call then does not import/initialise inside its event loop
     if took is not None:
@@ -86,6 +86,8 @@ server = sg.SessionGuardServer(
     # CPU crosses that while the worker is idle, and dispatches are dropped without a word. It also lets an idle
     # worker accept simultaneous dispatches (SessionGuardServer's docstring).
     max_jobs=SETTINGS.max_jobs,
+    # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
+    initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
 )
 if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
@@ -165,7 +167,7 @@ async def entrypoint(ctx: JobContext) -> None:
         logger.error("[SESSION] cannot serve room %s: %s", ctx.room.name, e, extra={"room": ctx.room.name})
         ctx.shutdown(reason=f"bad Letta configuration: {e}")
         return
-    voice = build_voice(SETTINGS, ctx.proc.userdata["vad"])
+    voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
     guard = sg.SessionGuard(
         ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window), metrics=metrics.guard

@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from .config import ConfigError, load_dotenv_file, load_settings
-from .letta_admin import ensure_default_agent, make_client, validate_agent
+from .letta_admin import LOCAL_MODEL, PREFERRED_MODEL, ensure_default_agent, make_client, validate_agent
 
 
 async def _main() -> int:
@@ -27,7 +27,11 @@ async def _main() -> int:
             return 0
         try:
             agent_id, created = await ensure_default_agent(
-                client, name=settings.letta_agent_name, model=settings.letta_model, embedding=settings.letta_embedding
+                client,
+                name=settings.letta_agent_name,
+                model=settings.letta_model,
+                embedding=settings.letta_embedding,
+                preferred_model=LOCAL_MODEL if settings.provider == "local" else PREFERRED_MODEL,
             )
         except LookupError as e:
             print(f"error: {e}", file=sys.stderr)

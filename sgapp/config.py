@@ -14,7 +14,7 @@ from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ProviderMode = Literal["openai", "test"]
+ProviderMode = Literal["openai", "local", "test"]
 
 _AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -96,6 +96,9 @@ class Settings:
     metrics_port: int | None = None
     """Port of the worker's Prometheus `/metrics` (SG_METRICS_PORT); None: no metrics."""
 
+    local_models_url: str | None = None
+    """The local model server Letta uses in `local` mode (informational: the worker itself does not call it)."""
+
     @property
     def stt_tts_base_url(self) -> str | None:
         return self.test_provider_url if self.provider == "test" else self.openai_base_url
@@ -125,10 +128,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not _AGENT_NAME_RE.match(agent_name):
         raise ConfigError(f"AGENT_NAME={agent_name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     openai_key = env.get("OPENAI_API_KEY", "").strip() or None
-    requested = env.get("SG_PROVIDER", "").strip().lower() or ("openai" if openai_key else "test")
-    if requested not in ("openai", "test"):
-        raise ConfigError(f"SG_PROVIDER={requested!r}: use 'openai' or 'test'")
-    provider: ProviderMode = "openai" if requested == "openai" else "test"
+    # The one place the voice provider is chosen: a key means OpenAI, no key means the offline local models.
+    requested = env.get("SG_PROVIDER", "").strip().lower() or ("openai" if openai_key else "local")
+    if requested not in ("openai", "local", "test"):
+        raise ConfigError(f"SG_PROVIDER={requested!r}: use 'openai', 'local' or 'test'")
+    provider: ProviderMode = "openai" if requested == "openai" else "local" if requested == "local" else "test"
     if provider == "openai" and not openai_key:
         raise ConfigError("SG_PROVIDER=openai needs OPENAI_API_KEY")
     test_url = None
@@ -161,4 +165,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         no_show_timeout=env_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
         max_jobs=env_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
         metrics_port=_metrics_port(env, worker_port),
+        local_models_url=_url(env, "SG_LOCALMODELS_URL", "http://127.0.0.1:8399/v1", ("http",))
+        if provider == "local"
+        else None,
     )

@@ -63,6 +63,8 @@ async def find_agent_by_name(client: AsyncLetta, name: str) -> str | None:
 
 
 PREFERRED_MODEL = "gpt-4o-mini"
+LOCAL_MODEL = "smollm2-135m-instruct"
+"""The chat model id the local model server (localmodels/) lists; Letta's handle is `openai-proxy/<id>`."""
 PREFERRED_EMBEDDING = "text-embedding-3-small"
 # Letta names the OpenAI provider "openai" against api.openai.com and "openai-proxy" against any other base URL
 # (a local OpenAI-compatible server): the same model has a different handle in each case.
@@ -84,12 +86,12 @@ def _pick(handles: list[str], wanted: str | None, preferred: str, what: str) -> 
 
 
 async def resolve_handles(
-    client: AsyncLetta, model: str | None = None, embedding: str | None = None
+    client: AsyncLetta, model: str | None = None, embedding: str | None = None, preferred_model: str = PREFERRED_MODEL
 ) -> tuple[str, str]:
     """The model and embedding handles to create agents with, checked against what the Letta server offers."""
     models = [m.handle for m in await client.models.list() if m.handle]
     embeddings = [e.handle for e in await client.models.embeddings.list() if e.handle]
-    return _pick(models, model, PREFERRED_MODEL, "model"), _pick(
+    return _pick(models, model, preferred_model, "model"), _pick(
         embeddings, embedding, PREFERRED_EMBEDDING, "embedding"
     )
 
@@ -100,6 +102,7 @@ async def ensure_default_agent(
     name: str,
     model: str | None = None,
     embedding: str | None = None,
+    preferred_model: str = PREFERRED_MODEL,
 ) -> tuple[str, bool]:
     """The id of the agent called `name`, creating it (with `human` and `persona` blocks) if none exists.
 
@@ -108,7 +111,7 @@ async def ensure_default_agent(
     existing = await find_agent_by_name(client, name)
     if existing:
         return existing, False
-    model, embedding = await resolve_handles(client, model, embedding)
+    model, embedding = await resolve_handles(client, model, embedding, preferred_model)
     agent = await client.agents.create(
         name=name,
         description="The default voice agent of session-guard.",

@@ -1,12 +1,15 @@
-"""Provider selection, in one place: which STT, TTS and VAD a session uses.
+"""Provider selection, in one place: which STT, TTS and VAD a session uses (`SG_PROVIDER`, see sgapp/config.py).
 
-- `openai`: OPENAI_API_KEY is set; STT/TTS by livekit-plugins-openai against OpenAI (or OPENAI_BASE_URL).
-- `test`: no key; STT/TTS by the same plugins against the local deterministic test provider (testprovider/), which
-  only exists so the voice path can be exercised without a paid API. The offline local models replace it as the
-  default in a later issue; until then the worker says so loudly at start.
+- `openai` (default when OPENAI_API_KEY is set): STT/TTS by livekit-plugins-openai against OpenAI (or
+  OPENAI_BASE_URL); Letta uses OpenAI models too.
+- `local` (default without a key): offline models shipped in registry packages, nothing downloaded -
+  `WhisperSTT` (whisper tiny.en, faster-whisper) and `PiperTTS` (piper en_US-joe-medium) from
+  livekit.plugins.offline; Letta runs on the local model server (localmodels/, SmolLM2-135M-Instruct).
+- `test`: STT/TTS by livekit-plugins-openai against the deterministic test provider (testprovider/), which scripts
+  what the tests assert on. Only the test stack uses it.
 
-The LLM is always the Letta agent (livekit.plugins.letta); Letta itself uses the same provider for its model.
-Models load once per process (the worker's setup function), not per session.
+The LLM is always the Letta agent (livekit.plugins.letta). Models load once per process (the worker's setup
+function, `load_models`), not per session.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import openai as openai_sdk
 from livekit.agents import stt, tts, vad
-from livekit.plugins import openai, silero
+from livekit.plugins import offline, openai, silero
 
 from .config import Settings
 
@@ -29,12 +32,21 @@ class Voice:
     stt: stt.STT[Any]
     tts: tts.TTS[Any]
     vad: vad.VAD
-    http: openai_sdk.AsyncClient
-    """The OpenAI-compatible client STT and TTS share. Ours to close: livekit-plugins-openai 1.8.9's
-    `STT.aclose()` leaves the client it made itself open, so we hand it one we own."""
+    http: openai_sdk.AsyncClient | None
+    """The OpenAI-compatible client STT and TTS share (None for the local models). Ours to close:
+    livekit-plugins-openai 1.8.9's `STT.aclose()` leaves the client it made itself open, so we hand it one we own."""
 
     async def aclose(self) -> None:
-        await self.http.close()
+        if self.http is not None:
+            await self.http.close()
+
+
+@dataclass(frozen=True)
+class ProcessModels:
+    """What a job process loads once (prewarm) and every session of it shares."""
+
+    vad: vad.VAD
+    offline: offline.OfflineModels | None = None
 
 
 def load_vad() -> vad.VAD:
@@ -42,9 +54,22 @@ def load_vad() -> vad.VAD:
     return silero.VAD.load()
 
 
+def load_models(settings: Settings) -> ProcessModels:
+    return ProcessModels(vad=load_vad(), offline=offline.OfflineModels.load() if settings.provider == "local" else None)
+
+
 def describe(settings: Settings) -> str:
+    """One line: the providers in use and their limits."""
     if settings.provider == "openai":
         return f"providers: OpenAI STT/TTS ({settings.openai_base_url or 'api.openai.com'}), Letta LLM, Silero VAD"
+    if settings.provider == "local":
+        return (
+            f"providers: LOCAL offline models (no API key) - STT {offline.WHISPER_MODEL_NAME} via faster-whisper "
+            f"(English only, utterance at a time), TTS piper {offline.PIPER_VOICE_NAME} (22.05 kHz, one US-English "
+            f"voice), Letta LLM on the local model server {settings.local_models_url} (SmolLM2-135M-Instruct: short, "
+            "weak answers; it never calls tools, so Letta does not edit memory), Silero VAD; "
+            "set OPENAI_API_KEY for OpenAI"
+        )
     return (
         f"providers: TEST PROVIDER STT/TTS at {settings.test_provider_url} (deterministic stand-in, not a speech "
         "model: transcripts are scripted or a fixed phrase), Letta LLM (on the test provider's canned model), "
@@ -52,8 +77,17 @@ def describe(settings: Settings) -> str:
     )
 
 
-def build_voice(settings: Settings, vad_model: vad.VAD) -> Voice:
-    """STT and TTS for one job. Close with `Voice.aclose()` when the job ends."""
+def build_voice(settings: Settings, models: ProcessModels | vad.VAD) -> Voice:
+    """STT and TTS for one job from the process's models. Close with `Voice.aclose()` when the job ends."""
+    pm = models if isinstance(models, ProcessModels) else ProcessModels(vad=models)
+    if settings.provider == "local":
+        loaded = pm.offline if pm.offline is not None else offline.OfflineModels.load()
+        return Voice(
+            stt=offline.WhisperSTT(model=loaded.whisper),
+            tts=offline.PiperTTS(voice=loaded.piper),
+            vad=pm.vad,
+            http=None,
+        )
     http = openai_sdk.AsyncClient(api_key=settings.stt_tts_api_key, base_url=settings.stt_tts_base_url)
     if settings.provider == "openai":
         s = openai.STT(model="gpt-4o-mini-transcribe", use_realtime=False, client=http)
@@ -61,4 +95,4 @@ def build_voice(settings: Settings, vad_model: vad.VAD) -> Voice:
     else:
         s = openai.STT(model="whisper-1", use_realtime=False, client=http)
         t = openai.TTS(model="tts-1", voice="alloy", response_format="pcm", client=http)
-    return Voice(stt=s, tts=t, vad=vad_model, http=http)
+    return Voice(stt=s, tts=t, vad=pm.vad, http=http)

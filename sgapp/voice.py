@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, llm, room_io
+from livekit.agents import Agent, AgentSession, ConversationItemAddedEvent, llm, room_io
 
 from .providers import Voice
 
@@ -33,8 +33,32 @@ class VoiceAgent(Agent):
         super().__init__(instructions="", chat_ctx=chat_ctx)
 
 
+_TURN_METRICS = (
+    "transcription_delay",
+    "end_of_turn_delay",
+    "llm_node_ttft",
+    "llm_node_ttfs",
+    "llm_node_tps",
+    "tts_node_ttfb",
+    "e2e_latency",
+)
+
+
+def log_turn_metrics(ev: ConversationItemAddedEvent) -> None:
+    """One `[TURN]` line per user/assistant message with the framework's per-turn latencies (ChatMessage.metrics):
+    user: transcription_delay, end_of_turn_delay; assistant: llm_node_ttft, llm_node_ttfs (first sentence),
+    llm_node_tps, tts_node_ttfb, e2e_latency (end of user speech -> first agent audio). scripts/bench-voice reads
+    these."""
+    item = ev.item
+    if not isinstance(item, llm.ChatMessage) or item.role not in ("user", "assistant"):
+        return
+    found = {k: round(v, 3) for k, v in item.metrics.items() if k in _TURN_METRICS and isinstance(v, int | float)}
+    if found:
+        logger.info("[TURN] %s %s", item.role, " ".join(f"{k}={v}" for k, v in found.items()), extra=found)
+
+
 def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[Any]:
-    return AgentSession(
+    session: AgentSession[Any] = AgentSession(
         stt=voice.stt,
         tts=voice.tts,
         vad=voice.vad,
@@ -54,6 +78,8 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
         # -> see docs/benchmarks.md (0).
         session_close_transcript_timeout=0.0,
     )
+    session.on("conversation_item_added", log_turn_metrics)
+    return session
 
 
 async def start_connection(session: AgentSession[Any], room: rtc.Room, spec: ConnectionSpec) -> None:

