@@ -376,7 +376,16 @@
       })
       .on(E.ParticipantDisconnected, (p) => {
         if (conn.agent && p.identity === conn.agent.identity) {
-          conn.agent = null; conn.agentLeft = true; refreshStatus(conn);
+          // Another agent may still be here (a duplicate dispatch leaves, the first agent stays).
+          conn.agent = [...room.remoteParticipants.values()].find((q) => isAgent(q) && q.identity !== p.identity) ?? null;
+          if (!conn.agent) {
+            // LiveKit never dispatches a room twice: if no agent comes back (its job ended, its worker died or
+            // drained), this room stays empty. Wait a moment, then go on in a new room.
+            conn.agentLeft = true;
+            clearTimeout(conn.agentTimer);
+            conn.agentTimer = setTimeout(() => noAgent(conn), AGENT_WAIT_MS);
+          }
+          refreshStatus(conn);
         }
       })
       .on(E.ParticipantAttributesChanged, (changed, p) => {
@@ -435,24 +444,29 @@
     }
   }
 
-  /** No agent joined this room in time: leave it and try a new room (nothing was said to anyone yet). */
+  /** No agent joined this room in time, or the agent left and did not come back: leave it and try a new room
+   *  (a fresh session: the long-term memory is the Letta agent's, this room's conversation ended with its agent). */
   function noAgent(conn) {
     if (conn !== current || conn.agent) return;
-    if (conn.tries >= MAX_ROOM_TRIES) {
+    const left = conn.agentLeft;
+    if (!left && conn.tries >= MAX_ROOM_TRIES) {
       console.warn(`no agent joined after ${conn.tries} rooms`);
       setStatus("error", "no agent is available right now. Disconnect and try again in a moment.");
       return;
     }
-    console.warn(`no agent joined room ${conn.info.room} within ${AGENT_WAIT_MS} ms: trying a new room`);
+    console.warn(left
+      ? `the agent left room ${conn.info.room} and did not come back within ${AGENT_WAIT_MS} ms: trying a new room`
+      : `no agent joined room ${conn.info.room} within ${AGENT_WAIT_MS} ms: trying a new room`);
     conn.hangingUp = true;
     current = null;
     release(conn);
     dropTicket();
-    setStatus("waiting", "the agent did not answer; trying again…");
+    setStatus("waiting", left ? "the agent left; starting a new conversation…" : "the agent did not answer; trying again…");
     serial(async () => {
       await conn.room.disconnect().catch(() => {});
       if (current) return;
-      await openConnection({ quiet: true, tries: conn.tries + 1 });
+      if (left) divider("The agent left: new conversation");
+      await openConnection({ quiet: true, tries: left ? 1 : conn.tries + 1 });
     });
   }
 
