@@ -139,13 +139,13 @@ def older_agent_of_this_name(room: rtc.Room) -> rtc.RemoteParticipant | None:
     the older one (which resumed the sessions) stays and the newer one leaves.
     """
     me = room.local_participant
-    mine = (me.joined_at, me.identity)
+    if me.joined_at is None:
+        return None
     for p in room.remote_participants.values():
-        if p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT or p.identity == me.identity:
+        if p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT or p.identity == me.identity or p.joined_at is None:
             continue
-        if p.attributes.get(ATTRIBUTE_AGENT_NAME) != SETTINGS.agent_name or p.joined_at is None or mine[0] is None:
-            continue
-        if (p.joined_at, p.identity) < mine:
+        joined_first = (p.joined_at, p.identity) < (me.joined_at, me.identity)
+        if joined_first and p.attributes.get(ATTRIBUTE_AGENT_NAME) == SETTINGS.agent_name:
             return p
     return None
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,12 +149,46 @@ class Worker:
         return took
 
 
+def spawn_agent_worker(env: Mapping[str, str], log: Path, header: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """`python agent.py start` in its own process group (so a stop can reach its job processes), output appended to
+    `log` after `header`; the process and where its part of the log starts."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        offset = f.tell()
+        f.write(header.encode())
+        proc = subprocess.Popen(
+            [str(PYTHON), str(ROOT / "agent.py"), "start"],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc, offset
+
+
+def wait_registered(
+    proc: subprocess.Popen[bytes], log_text: Callable[[], str], timeout: float, stop: Callable[[], object]
+) -> None:
+    """Until the worker logs its registration with livekit-server. RuntimeError (with the log's tail) if it exits
+    first, or, after `stop()`, if it has not registered within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode} during start-up:\n{log_text()[-3000:]}")
+        if "registered worker" in log_text():
+            return
+        time.sleep(0.2)
+    stop()
+    raise RuntimeError(f"worker did not register within {timeout} s:\n{log_text()[-3000:]}")
+
+
 def start_worker(
     stack: Stack, *, agent_name: str, extra_env: dict[str, str] | None = None, timeout: float = 90.0
 ) -> Worker:
     port = free_port()
     log = stack.dir / "logs" / f"worker-{agent_name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         **stack.env,
@@ -163,24 +198,7 @@ def start_worker(
         **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)
-    with open(log, "ab") as f:
-        offset = f.tell()
-        proc = subprocess.Popen(
-            [str(PYTHON), str(ROOT / "agent.py"), "start"],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc, offset = spawn_agent_worker(env, log)
     w = Worker(proc=proc, agent_name=agent_name, port=port, log=log, log_offset=offset)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode} during start-up:\n{w.log_text()[-3000:]}")
-        if "registered worker" in w.log_text():
-            return w
-        time.sleep(0.2)
-    w.stop()
-    raise RuntimeError(f"worker did not register within {timeout} s:\n{w.log_text()[-3000:]}")
+    wait_registered(proc, w.log_text, timeout, w.stop)
+    return w

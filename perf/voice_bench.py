@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import livekit.plugins.offline as offline
 from letta_client import AsyncLetta
 
+from perf.stack import spawn_agent_worker, wait_registered
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
 from tests.support.human import StackInfo, make_token
 from tests.support.voice import (
@@ -100,17 +100,10 @@ def is_reply(human: VoiceParticipant, after: float, item: Transcript) -> bool:
     return item[0] > after and human.is_agent_speech(item)
 
 
-def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python agent.py start` in its own process group, output to `log`."""
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [".venv/bin/python", "agent.py", "start"],
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+def read_from(log: Path, offset: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 async def main() -> int:
@@ -139,15 +132,14 @@ async def main() -> int:
         "SG_NO_SHOW_TIMEOUT": "60",
     }
     wenv.pop("OPENAI_API_KEY", None)
-    worker = spawn_worker(wenv, log)
+    worker, offset = spawn_agent_worker(wenv, log)
     human: VoiceParticipant | None = None
     try:
-        t0 = time.monotonic()
-        while "registered worker" not in log.read_text(errors="replace"):
-            if worker.poll() is not None or time.monotonic() - t0 > 120:
-                print(log.read_text(errors="replace")[-3000:])
-                return 1
-            await asyncio.sleep(0.2)
+        try:
+            await asyncio.to_thread(wait_registered, worker, partial(read_from, log, offset), 120, lambda: None)
+        except RuntimeError as e:
+            print(e)
+            return 1
         models = offline.OfflineModels.load(threads=1)
         voice = offline.PiperTTS(voice=models.piper)
         tmp = log.parent

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from letta_client import Letta
 
+from perf.stack import spawn_agent_worker, wait_registered
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA
 from tests.conftest import DESTROYED
 from tests.support.human import StackInfo
@@ -194,7 +195,6 @@ def start_worker(
     stack: Stack, *, name: str, extra_env: dict[str, str] | None = None, port: int | None = None, timeout: float = 60.0
 ) -> WorkerProc:
     log = stack.logs / f"worker-{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {
         **os.environ,
@@ -215,28 +215,12 @@ def start_worker(
         **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)
-    with open(log, "ab") as f:
-        offset = f.tell()
-        f.write(f"\n===== worker {name} starting at {time.strftime('%H:%M:%S')}\n".encode())
-        proc = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "agent.py"), "start"],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc, offset = spawn_agent_worker(
+        env, log, header=f"\n===== worker {name} starting at {time.strftime('%H:%M:%S')}\n"
+    )
     w = WorkerProc(proc=proc, log=log, url=f"http://127.0.0.1:{port}", log_offset=offset)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode} during start-up:\n{w.log_text()[-3000:]}")
-        if "registered worker" in w.log_text():
-            return w
-        time.sleep(0.2)
-    w.stop()
-    raise RuntimeError(f"worker did not register within {timeout} s:\n{w.log_text()[-3000:]}")
+    wait_registered(proc, w.log_text, timeout, w.stop)
+    return w
 
 
 @pytest.fixture(scope="session")
