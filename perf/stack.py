@@ -194,6 +194,8 @@ def start_worker(
         **stack.env,
         "AGENT_NAME": agent_name,
         "SG_WORKER_PORT": str(port),
+        # its own /metrics port: the profile's one (from `scripts/stack env`) would clash when two workers run
+        "SG_METRICS_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
