@@ -16,7 +16,6 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import uuid
 from functools import partial
@@ -25,6 +24,7 @@ from pathlib import Path
 import livekit.plugins.offline as offline
 from letta_client import AsyncLetta
 
+from perf.exit import exit_process
 from perf.stack import spawn_agent_worker, wait_registered
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
 from tests.support.human import StackInfo, make_token
@@ -214,4 +214,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    exit_process(asyncio.run(main()))

@@ -20,6 +20,7 @@ from typing import Any
 
 from livekit import rtc
 
+from perf.exit import exit_process
 from tests.support.human import TOPIC_CHAT, TOPIC_TRANSCRIPTION
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300.0)
     args = ap.parse_args()
     asyncio.run(run(args.url, args.token, args.max_seconds))
+    exit_process(0)
 
 
 if __name__ == "__main__":
