@@ -77,9 +77,9 @@ def describe(settings: Settings) -> str:
     )
 
 
-def build_voice(settings: Settings, models: ProcessModels | vad.VAD) -> Voice:
-    """STT and TTS for one job from the process's models. Close with `Voice.aclose()` when the job ends."""
-    pm = models if isinstance(models, ProcessModels) else ProcessModels(vad=models)
+def build_voice(settings: Settings, pm: ProcessModels) -> Voice:
+    """STT and TTS for one job from the process's models (`load_models`). Close with `Voice.aclose()` when the job
+    ends."""
     if settings.provider == "local":
         loaded = pm.offline if pm.offline is not None else offline.OfflineModels.load()
         return Voice(

@@ -41,7 +41,7 @@ async def test_without_a_key_stt_and_tts_are_the_offline_models(local_models: Pr
 async def test_the_test_provider_uses_the_openai_plugins_against_it(vad: VAD) -> None:
     settings = load_settings({**BASE, "SG_PROVIDER": "test", "SG_TEST_PROVIDER_URL": "http://127.0.0.1:1234/v1"})
     assert load_models(settings).offline is None  # nothing to load beyond the VAD
-    voice = build_voice(settings, vad)
+    voice = build_voice(settings, ProcessModels(vad=vad))
     try:
         assert isinstance(voice.stt, openai.STT) and isinstance(voice.tts, openai.TTS)
         assert voice.http is not None

@@ -95,11 +95,9 @@ class LettaBackend:
         t0 = time.perf_counter()
         try:
             result = await bounded(what, self.base_url, fn, timeout or self.options.request_timeout)
-        except LettaUnavailableError as e:
-            self.note_unreachable()
-            self.observe(op, time.perf_counter() - t0, e)
-            raise
         except Exception as e:
+            if isinstance(e, LettaUnavailableError):
+                self.note_unreachable()
             self.observe(op, time.perf_counter() - t0, e)
             raise
         self.observe(op, time.perf_counter() - t0, None)
@@ -107,25 +105,22 @@ class LettaBackend:
         return result
 
     def observe(self, op: str, seconds: float, error: BaseException | None) -> None:
-        """Report one request to the metrics sink, if any; a failing sink is logged once and dropped."""
-        sink = self.metrics
-        if sink is None:
-            return
-        try:
-            sink.request_finished(op, seconds, None if error is None else error_kind(error))
-        except Exception as e:
-            self.metrics = None
-            lf.warning("the metrics sink failed: metrics off for this job", error=repr(e))
+        """Report one request to the metrics sink, if any."""
+        self._report("request_finished", op, seconds, None if error is None else error_kind(error))
 
     def observe_first_token(self, seconds: float) -> None:
+        self._report("turn_first_token", seconds)
+
+    def _report(self, method: str, *args: Any) -> None:
+        """Call the metrics sink; a failing sink is logged once and dropped (metrics never break a turn)."""
         sink = self.metrics
         if sink is None:
             return
         try:
-            sink.turn_first_token(seconds)
+            getattr(sink, method)(*args)
         except Exception as e:
             self.metrics = None
-            lf.warning("the metrics sink failed: metrics off for this job", error=repr(e))
+            lf.warning("the metrics sink failed: metrics off for this job", method=method, error=repr(e))
 
     def note_unreachable(self) -> None:
         self._unreachable = True
