@@ -82,9 +82,6 @@ class MiniLM:
             max_tokens=max_tokens,
         )
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
-
     def _encode_one(self, ids: list[int]) -> Array:
         w = self.weights
         n = len(ids)

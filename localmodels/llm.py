@@ -68,7 +68,6 @@ class LocalLLM:
         stop: threading.Event,
     ) -> None:
         with self._lock:
-            gen.prompt_tokens = 0
             stream = self.model.create_chat_completion(
                 messages=list(messages),
                 stream=True,
@@ -122,10 +121,3 @@ class LocalLLM:
             stop.set()  # a client that went away stops the model at its next token
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(worker)
-
-    async def complete(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None
-    ) -> tuple[str, Generation]:
-        gen = Generation()
-        parts = [p async for p in self.stream(messages, max_tokens=max_tokens, gen=gen)]
-        return "".join(parts), gen

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with scripts/lib/setup.sh and scripts/stack
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with scripts/lib/setup.sh
 
 
 def venv_path() -> Path:

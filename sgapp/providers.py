@@ -81,7 +81,9 @@ def build_voice(settings: Settings, pm: ProcessModels) -> Voice:
     """STT and TTS for one job from the process's models (`load_models`). Close with `Voice.aclose()` when the job
     ends."""
     if settings.provider == "local":
-        loaded = pm.offline if pm.offline is not None else offline.OfflineModels.load()
+        loaded = pm.offline
+        if loaded is None:  # loading here would run in the job's event loop, once per job: a caller's mistake
+            raise ValueError("provider 'local' needs the offline models: build `pm` with load_models(settings)")
         return Voice(
             stt=offline.WhisperSTT(model=loaded.whisper),
             tts=offline.PiperTTS(voice=loaded.piper),
