@@ -72,16 +72,6 @@ def job_processes(worker_pid: int) -> list[int]:
     return out
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live descendants."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        s = stat(p)
-        if s is not None:
-            total += s.cpu_s
-    return total
-
-
 def machine() -> str:
     model = "?"
     try:

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,6 @@ class Worker:
     port: int
     log: Path
     log_offset: int
-    exited_after: float | None = field(default=None)
 
     @property
     def url(self) -> str:
@@ -143,10 +142,7 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        took = time.monotonic() - t0
-        if self.exited_after is None:
-            self.exited_after = took
-        return took
+        return time.monotonic() - t0
 
 
 def spawn_agent_worker(env: Mapping[str, str], log: Path, header: str = "") -> tuple[subprocess.Popen[bytes], int]:

@@ -11,6 +11,7 @@ Then the PSS/RSS of the worker's processes (the job process holds the models). P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -25,7 +26,8 @@ import livekit.plugins.offline as offline
 from letta_client import AsyncLetta
 
 from perf.exit import exit_process
-from perf.stack import spawn_agent_worker, wait_registered
+from perf.procs import cmdline, descendants
+from perf.stack import free_port, spawn_agent_worker, wait_registered
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
 from tests.support.human import StackInfo, make_token
 from tests.support.voice import (
@@ -56,40 +58,6 @@ def mem_kb(pid: int) -> tuple[int, int]:
         k, v = line.split(":", 1)
         fields[k] = int(v.split()[0])
     return fields.get("Pss", 0), fields.get("Rss", 0)
-
-
-def cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    for c in children(pid):
-        out += [c, *descendants(c)]
-    return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def med(xs: list[float]) -> str:
@@ -127,6 +95,8 @@ async def main() -> int:
         "SG_PROVIDER": "local",
         "AGENT_NAME": agent_name,
         "SG_WORKER_PORT": str(free_port()),
+        # its own /metrics port: the profile's one (from `scripts/stack env`) may be taken by another worker
+        "SG_METRICS_PORT": str(free_port()),
         "SG_MAX_JOBS": "4",
         "PYTHONUNBUFFERED": "1",
         "SG_NO_SHOW_TIMEOUT": "60",
@@ -168,11 +138,11 @@ async def main() -> int:
             print(f"turn {i + 1}: heard {heard[-1] if heard else '?'!r} -> {reply[-1][3] if reply else '?'!r}")
             await asyncio.sleep(0.5)
         # memory of the worker's processes: the job process (models loaded) and any idle prewarmed one
-        procs = [(p, *mem_kb(p), cmd(p)) for p in [worker.pid, *descendants(worker.pid)]]
+        procs = [(p, *mem_kb(p), cmdline(p) or "?") for p in [worker.pid, *descendants(worker.pid)]]
         lm_pid_file = Path(env.get("SG_STACK_DIR", ".stack-test")) / "run" / "localmodels.pid"
         lm = None
         if lm_pid_file.exists():
-            with __import__("contextlib").suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
                 lm = mem_kb(int(lm_pid_file.read_text().split()[0]))
     finally:
         if human is not None:

@@ -34,7 +34,6 @@ def localmodels_url(stack: Stack) -> str:
 # This module's own worker and page server (module scope overrides the directory's): local providers, own name.
 @pytest.fixture(scope="module")
 def worker(stack: Stack) -> Iterator[WorkerProc]:
-    before = stack.worker_url
     w = start_worker(
         stack,
         name=f"e2e-local-{uuid.uuid4().hex[:6]}",
@@ -45,10 +44,8 @@ def worker(stack: Stack) -> Iterator[WorkerProc]:
         },
         timeout=120,
     )
-    stack.worker_url = w.url
     yield w
     w.stop()
-    stack.worker_url = before
     assert "Task was destroyed but it is pending" not in w.log_text()
 
 

@@ -12,7 +12,6 @@ and participants are real:
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import time
@@ -25,7 +24,7 @@ from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard,
 from tests.faults.conftest import Cost, Workers, joined
 from tests.integration.conftest import Stack
 from tests.support.human import Human, make_token
-from tests.support.letta_checks import new_identity, new_room, wait_for
+from tests.support.letta_checks import log_lines, new_identity, new_room, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 RECONNECTS = 20
@@ -74,8 +73,7 @@ async def test_reconnect_storm_against_the_worker(workers: Workers, letta_agent:
 
     # After the hang-up: every session that ever started ended exactly once, with one cleanup each.
     def of_room(needle: str) -> list[dict[str, str]]:
-        lines = [json.loads(x) for x in w.proc.log_text().splitlines() if x.startswith("{")]
-        return [x for x in lines if needle in x.get("message", "") and x.get("room") == room]
+        return [x for x in log_lines(w.proc, room) if needle in x.get("message", "")]
 
     await wait_for(
         lambda: asyncio.sleep(0, of_room("[SHUTDOWN] session guard closed")), 30, "the storm room's job to end"
