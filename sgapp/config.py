@@ -77,12 +77,6 @@ def env(
     return Field(default, validation_alias=name, repr=not secret, json_schema_extra=extra, **constraints)
 
 
-def env_name(info: FieldInfo) -> str:
-    alias = info.validation_alias
-    assert isinstance(alias, str), "every settings field names its variable with env(...)"
-    return alias
-
-
 class _EnvModel(BaseSettings):
     """Common configuration: case-sensitive names, an empty value means unset, strings stripped."""
 
@@ -114,7 +108,7 @@ class _EnvModel(BaseSettings):
 M = TypeVar("M", bound=_EnvModel)
 
 
-def _url(value: Any, name: str, schemes: tuple[str, ...]) -> Any:
+def _url(value: Any, schemes: tuple[str, ...]) -> Any:
     if not isinstance(value, str):
         return value
     value = value.strip().rstrip("/")
@@ -306,12 +300,12 @@ class Settings(_EnvModel):
     @field_validator("livekit_url", mode="before")
     @classmethod
     def _livekit_url(cls, v: Any) -> Any:
-        return _url(v, "LIVEKIT_URL", _URL_SCHEMES_LIVEKIT)
+        return _url(v, _URL_SCHEMES_LIVEKIT)
 
     @field_validator("letta_base_url", "openai_base_url", "test_provider_url", "local_models_url", mode="before")
     @classmethod
     def _http_url(cls, v: Any) -> Any:
-        return _url(v, "", _URL_SCHEMES_HTTP)
+        return _url(v, _URL_SCHEMES_HTTP)
 
     @field_validator("agent_name")
     @classmethod
@@ -455,7 +449,7 @@ class WebSettings(_EnvModel):
     @field_validator("public_livekit_url", mode="before")
     @classmethod
     def _public_url(cls, v: Any) -> Any:
-        return _url(v, "", _URL_SCHEMES_LIVEKIT) if isinstance(v, str) and v.strip() else v
+        return _url(v, _URL_SCHEMES_LIVEKIT) if isinstance(v, str) and v.strip() else v
 
     @model_validator(mode="before")
     @classmethod
@@ -556,7 +550,7 @@ class StackSettings(_EnvModel):
         "OPENAI_API_KEY", None, "Dev profile: OpenAI instead of the local models.", secret=True
     )
     openai_base_url: str | None = env("OPENAI_BASE_URL", None, "")
-    dir: Path = env("SG_STACK_DIR", ROOT / ".stack", "The profile's folder: data, logs, pid files.")
+    dir: Path = env("SG_<PROFILE>_STACK_DIR", ROOT / ".stack", "The profile's folder: data, logs, pid files.")
 
     @model_validator(mode="before")
     @classmethod
