@@ -262,11 +262,11 @@ async def test_wrong_method_or_path(client: Client, method: str, path: str, stat
 
 def _forge(ticket: str, **changes: Any) -> str:
     """The ticket with its payload changed and the original signature kept."""
-    version, payload, sig = ticket.split(".")
+    header, payload, sig = ticket.split(".")
     claims_ = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     claims_.update(changes)
     new = base64.urlsafe_b64encode(json.dumps(claims_, separators=(",", ":")).encode()).rstrip(b"=").decode()
-    return f"{version}.{new}.{sig}"
+    return f"{header}.{new}.{sig}"
 
 
 async def test_a_ticket_cannot_be_pointed_at_another_room_or_identity(client: Client) -> None:
@@ -283,6 +283,10 @@ async def test_a_ticket_cannot_be_pointed_at_another_room_or_identity(client: Cl
     # Signed with another key (e.g. another deployment's secret): refused too.
     other = tickets.issue(b"k" * 32, room=theirs["room"], identity=theirs["identity"], agent=ADA.id, ttl=60)
     await error(await token(client, {"resume": other}), 403, "invalid_ticket")
+    # An unsigned JWT (`alg: none`) naming their room and identity: refused before any claim is used.
+    header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    unsigned = _forge(mine["resume"], room=theirs["room"], identity=theirs["identity"]).split(".")[1]
+    await error(await token(client, {"resume": f"{header}.{unsigned}."}), 403, "invalid_ticket")
     # A genuine ticket of another room leads to that room only; no field can redirect it.
     r = await token(client, {"resume": mine["resume"], "identity": theirs["identity"]})
     await error(r, 409, "ticket_mismatch")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from letta_client import APIConnectionError, NotFoundError
 
@@ -19,10 +22,20 @@ KEY = b"k" * 32
 
 # --- tickets -----------------------------------------------------------------------------------------------------
 
+CLAIMS = {"room": "sg-1", "identity": "web-1", "agent": "agent-1", "iat": 1000, "exp": 2**40}
+
 
 def test_ticket_round_trip() -> None:
     t = tickets.issue(KEY, room="sg-1", identity="web-1", agent="agent-1", ttl=40, now=1000.0)
-    assert t.startswith("v1.") and t.count(".") == 2
+    # A standard JWT: any JWT library reads it with the key.
+    assert jwt.get_unverified_header(t) == {"alg": "HS256", "typ": "JWT"}
+    assert jwt.decode(t, KEY, algorithms=["HS256"], options={"verify_exp": False}) == {
+        "room": "sg-1",
+        "identity": "web-1",
+        "agent": "agent-1",
+        "iat": 1000,
+        "exp": 1040,
+    }
     claims = tickets.verify(KEY, t, now=1039.0)
     assert (claims.room, claims.identity, claims.agent, claims.issued_at, claims.expires_at) == (
         "sg-1",
@@ -40,45 +53,78 @@ def test_ticket_expiry_is_exclusive() -> None:
     assert e.value.code == "ticket_expired"
 
 
-def _b64(obj: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _signed(payload_b64: str, version: str = "v1") -> str:
-    """A correctly signed ticket around any payload: what only the server (holding KEY) could make."""
-    part = f"{version}.{payload_b64}"
-    return f"{part}.{tickets._sign(KEY, part)}"
+def _json(obj: Any) -> str:
+    return _b64(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def _jwt(header: Any, payload: Any, key: bytes | None = KEY, digest: Any = hashlib.sha256) -> str:
+    """A JWT made by hand: any header, any payload, an HMAC under `key` (None: no signature at all)."""
+    signed = f"{_json(header)}.{_json(payload)}"
+    sig = "" if key is None else _b64(hmac.new(key, signed.encode(), digest).digest())
+    return f"{signed}.{sig}"
+
+
+def _tampered(ticket: str, **changes: Any) -> str:
+    """The ticket with its payload changed and the original signature kept."""
+    header, payload, sig = ticket.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return f"{header}.{_json({**claims, **changes})}.{sig}"
+
+
+GOOD = tickets.issue(KEY, room="sg-1", identity="web-1", agent="agent-1", ttl=40, now=1000.0)
+HS256 = {"alg": "HS256", "typ": "JWT"}
 
 
 @pytest.mark.parametrize(
-    "ticket",
+    ("ticket", "why"),
     [
-        "",
-        "v1",
-        "v1.a",
-        "v1.a.b.c",
-        "v2.e30.sig",
-        "v1.e30." + "A" * 43,
-        _signed("!!!"),
-        _signed(_b64([1, 2])),
-        _signed(_b64({"room": "r", "identity": "i", "agent": "a", "iat": 1, "exp": "never"})),
-        _signed(_b64({"room": "r", "identity": "i", "agent": "a", "iat": 1, "exp": True})),
-        _signed(_b64({"room": "", "identity": "i", "agent": "a", "iat": 1, "exp": 2**40})),
-        _signed(_b64({"room": "r", "identity": "i", "iat": 1, "exp": 2**40})),
-        _signed("e30", version="v2"),
-        "x" * 2000,
+        ("", "empty"),
+        ("v1.a.b", "not a JWT"),
+        ("a.b.c.d", "four parts"),
+        ("x" * 2000, "too long"),
+        (GOOD.rsplit(".", 1)[0] + "." + _b64(b"\0" * 32), "forged signature"),
+        (GOOD.rsplit(".", 1)[0] + ".", "signature stripped"),
+        (tickets.issue(b"o" * 32, room="sg-1", identity="web-1", agent="agent-1", ttl=40), "another key"),
+        (_tampered(GOOD, room="sg-2"), "payload pointed at another room"),
+        (_tampered(GOOD, identity="web-2"), "payload pointed at another identity"),
+        (_tampered(GOOD, exp=2**40), "payload with a later expiry"),
+        (_jwt({"alg": "none", "typ": "JWT"}, CLAIMS, key=None), "alg none, no signature"),
+        (_jwt({"alg": "None", "typ": "JWT"}, CLAIMS, key=None), "alg None, no signature"),
+        (_jwt({"alg": "none"}, CLAIMS), "alg none with a signature"),
+        (_jwt({"alg": "HS512", "typ": "JWT"}, CLAIMS, digest=hashlib.sha512), "another HMAC, right key"),
+        (_jwt({"alg": "HS384", "typ": "JWT"}, CLAIMS, digest=hashlib.sha384), "another HMAC, right key"),
+        # RS256/HS256 confusion: a header naming an asymmetric algorithm over an HMAC made with the key a naive
+        # verifier would hand to whatever the header names.
+        (_jwt({"alg": "RS256", "typ": "JWT"}, CLAIMS), "RS256 header, HMAC signature"),
+        (_jwt({"alg": "ES256", "typ": "JWT"}, CLAIMS), "ES256 header, HMAC signature"),
+        (_jwt({"typ": "JWT"}, CLAIMS), "no alg"),
+        (_jwt(HS256, {**CLAIMS, "exp": "never"}), "exp not a number"),
+        (_jwt(HS256, {**CLAIMS, "exp": True}), "exp a boolean"),
+        (_jwt(HS256, {**CLAIMS, "exp": 2.0**40}), "exp a float"),
+        (_jwt(HS256, {**CLAIMS, "room": ""}), "empty room"),
+        (_jwt(HS256, {**CLAIMS, "identity": 7}), "identity not a string"),
+        (_jwt(HS256, {k: v for k, v in CLAIMS.items() if k != "agent"}), "no agent"),
+        (_jwt(HS256, {k: v for k, v in CLAIMS.items() if k != "iat"}), "no iat"),
+        (_jwt(HS256, {**CLAIMS, "iat": 2**40}), "issued in the future"),
+        (_jwt(HS256, [1, 2]), "payload not an object"),
+        (f"{_json(HS256)}.!!!.{_b64(b'x')}", "payload not base64url"),
     ],
 )
-def test_malformed_or_forged_tickets(ticket: str) -> None:
+def test_refused_tickets(ticket: str, why: str) -> None:
     with pytest.raises(tickets.TicketError) as e:
-        tickets.verify(KEY, ticket, now=1000.0)
-    assert e.value.code == "invalid_ticket"
+        tickets.verify(KEY, ticket, now=1001.0)
+    assert e.value.code == "invalid_ticket", why
+    assert str(e.value), why
 
 
-def test_a_well_formed_payload_signed_by_us_passes() -> None:
-    # The malformed cases above fail for their payload, not only for the signature.
-    t = _signed(_b64({"room": "r", "identity": "i", "agent": "a", "iat": 1, "exp": 2**40}))
-    assert tickets.verify(KEY, t).room == "r"
+def test_a_well_formed_ticket_made_by_hand_passes() -> None:
+    # The cases above fail for what they change, not for how they were made.
+    assert tickets.verify(KEY, _jwt(HS256, CLAIMS), now=1001.0).room == "sg-1"
+    assert tickets.verify(KEY, _tampered(GOOD), now=1001.0).room == "sg-1"
 
 
 def test_derived_secret_is_stable_and_not_the_secret() -> None:
