@@ -16,6 +16,7 @@ from letta_client import APIConnectionError, NotFoundError
 
 from web import tickets
 from web.agents import AgentCatalog, LettaUnavailable
+from web.forwarded import parse_networks, resolve
 from web.ratelimit import RateLimiter
 
 KEY = b"k" * 32
@@ -131,6 +132,65 @@ def test_derived_secret_is_stable_and_not_the_secret() -> None:
     assert tickets.derive_secret("abc" * 12) == tickets.derive_secret("abc" * 12)
     assert tickets.derive_secret("abc" * 12) != tickets.derive_secret("abd" * 12)
     assert b"abc" not in tickets.derive_secret("abc" * 12)
+
+
+# --- X-Forwarded-For ---------------------------------------------------------------------------------------------
+
+PROXIES = parse_networks(["10.0.0.5", "192.168.0.0/16", "::1"])
+
+
+def test_headers_from_an_untrusted_peer_are_ignored() -> None:
+    seen = resolve("203.0.113.9", ["1.2.3.4"], ["https"], PROXIES)
+    assert (seen.client, seen.scheme) == ("203.0.113.9", None)
+    # Nothing trusted at all: the same.
+    assert resolve("10.0.0.5", ["1.2.3.4"], ["https"], ()).client == "10.0.0.5"
+
+
+def test_one_trusted_proxy() -> None:
+    seen = resolve("10.0.0.5", ["198.51.100.7"], ["https"], PROXIES)
+    assert (seen.client, seen.scheme) == ("198.51.100.7", "https")
+    # No header from the proxy (e.g. its own health check): the proxy is the client.
+    assert resolve("10.0.0.5", [], [], PROXIES) == resolve("10.0.0.5", [""], [], PROXIES)
+    assert resolve("10.0.0.5", [], [], PROXIES).client == "10.0.0.5"
+
+
+def test_a_chain_of_several_hops_is_read_from_the_right() -> None:
+    # The client sent a made-up X-Forwarded-For; the edge proxy (192.168.1.1) appended the client's real address,
+    # the inner proxy (10.0.0.5) appended the edge's: the first untrusted address from the right is the client.
+    chain = ["6.6.6.6, 7.7.7.7, 198.51.100.7, 192.168.1.1"]
+    assert resolve("10.0.0.5", chain, ["https"], PROXIES).client == "198.51.100.7"
+    # The same chain split over several header lines is one list.
+    lines = ["6.6.6.6", "7.7.7.7, 198.51.100.7", "192.168.1.1"]
+    assert resolve("10.0.0.5", lines, [], PROXIES).client == "198.51.100.7"
+    # Every hop a listed proxy: the leftmost one.
+    assert resolve("10.0.0.5", ["192.168.3.3, 192.168.1.1"], [], PROXIES).client == "192.168.3.3"
+    # An entry a listed proxy wrote that is not an address: the last hop that could be read.
+    assert resolve("10.0.0.5", ["198.51.100.7, unknown, 192.168.1.1"], [], PROXIES).client == "192.168.1.1"
+
+
+def test_address_forms_proxies_write() -> None:
+    assert resolve("::1", ["[2001:db8::7]:4711"], [], PROXIES).client == "2001:db8::7"
+    assert resolve("::1", ["2001:db8::7"], [], PROXIES).client == "2001:db8::7"
+    assert resolve("::1", ["198.51.100.7:4711"], [], PROXIES).client == "198.51.100.7"
+    assert resolve("::ffff:10.0.0.5", ["198.51.100.7"], [], PROXIES).client == "198.51.100.7", "v4-mapped peer"
+    assert resolve(None, ["198.51.100.7"], [], PROXIES).client == "?"
+
+
+def test_forwarded_proto() -> None:
+    assert resolve("10.0.0.5", ["1.1.1.1"], ["HTTPS"], PROXIES).scheme == "https"
+    assert resolve("10.0.0.5", ["1.1.1.1"], ["https, http"], PROXIES).scheme == "http", "the nearest proxy's"
+    assert resolve("10.0.0.5", ["1.1.1.1"], ["gopher"], PROXIES).scheme is None
+    assert resolve("10.0.0.5", ["1.1.1.1"], [], PROXIES).scheme is None
+
+
+def test_parse_networks_names_the_bad_entry() -> None:
+    assert [str(n) for n in parse_networks([" 10.0.0.1 ", "10.1.2.3/8", "fd00::/8"])] == [
+        "10.0.0.1/32",
+        "10.0.0.0/8",
+        "fd00::/8",
+    ]
+    with pytest.raises(ValueError, match=r"'proxy\.example\.com'"):
+        parse_networks(["10.0.0.1", "proxy.example.com"])
 
 
 # --- rate limiter ------------------------------------------------------------------------------------------------
