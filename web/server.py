@@ -8,7 +8,8 @@
 
 Every connection gets a fresh room with the worker dispatched explicitly; a resume ticket (web/tickets.py) lets the
 same tab rejoin its own room after a refresh or a network drop. Bad requests get a 4xx JSON error
-`{"error": message, "code": code, "status": status}`; the API secret never leaves the server.
+`{"error": message, "code": code, "status": status}`; the API secret never leaves the server. Behind a reverse
+proxy (docs/deploy.md), SG_TRUSTED_PROXIES makes its X-Forwarded-For the client (web/forwarded.py).
 """
 
 from __future__ import annotations
