@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sgapp.config import ConfigError, Settings, env_float
 
+from .forwarded import Network, parse_networks
 from .tickets import derive_secret
 
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,127}$")
@@ -28,7 +29,9 @@ class WebSettings:
     rate_per_minute: float = 60.0
     rate_burst: int = 30
     public_livekit_url: str = ""
-    """The LiveKit URL handed to browsers (default: LIVEKIT_URL)."""
+    """The LiveKit URL handed to browsers (default: LIVEKIT_URL); wss:// when the page is served over https."""
+    trusted_proxies: tuple[Network, ...] = ()
+    """Peers whose X-Forwarded-For/-Proto are honoured (web/forwarded.py); empty: the TCP peer is the client."""
 
     @property
     def ticket_ttl(self) -> float:
@@ -51,6 +54,10 @@ def load_web_settings(app: Settings, env: Mapping[str, str] | None = None) -> We
     public_url = (env.get("SG_PUBLIC_LIVEKIT_URL") or "").strip().rstrip("/")
     if public_url and not public_url.startswith(("ws://", "wss://", "http://", "https://")):
         raise ConfigError(f"SG_PUBLIC_LIVEKIT_URL={public_url!r} must start with ws://, wss://, http:// or https://")
+    try:
+        trusted = parse_networks(e for e in (env.get("SG_TRUSTED_PROXIES") or "").split(",") if e.strip())
+    except ValueError as e:
+        raise ConfigError(f"SG_TRUSTED_PROXIES: {e}") from None
     rate = env_float(env, "SG_WEB_RATE_LIMIT", 60.0, minimum=1.0, maximum=100_000.0)
     return WebSettings(
         app=app,
@@ -61,4 +68,5 @@ def load_web_settings(app: Settings, env: Mapping[str, str] | None = None) -> We
         rate_per_minute=rate,
         rate_burst=int(env_float(env, "SG_WEB_RATE_BURST", max(10.0, rate / 2), minimum=1.0, maximum=100_000.0)),
         public_livekit_url=public_url,
+        trusted_proxies=trusted,
     )
