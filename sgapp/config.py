@@ -18,6 +18,7 @@ Adding a setting: one field with `env("VAR_NAME", default, "what it does")` in t
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import re
 import sys
@@ -47,6 +48,7 @@ LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"]
 _URL_SCHEMES_LIVEKIT = ("ws", "wss", "http", "https")
 _URL_SCHEMES_HTTP = ("http", "https")
 _OFF = ("", "0", "off", "no", "false", "none")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ALLOWLIST_ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,127}$")
 
@@ -433,6 +435,14 @@ class WebSettings(_EnvModel):
         "The LiveKit URL handed to browsers, when it differs from LIVEKIT_URL (e.g. behind a proxy).",
         example="",
     )
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = env(
+        "SG_TRUSTED_PROXIES",
+        (),
+        "Reverse proxies whose X-Forwarded-For/-Proto are honoured (web/forwarded.py): comma-separated addresses or "
+        "networks, e.g. 127.0.0.1,::1 for caddy on this host. Empty: the TCP peer is the client. Never list addresses "
+        "a client can connect from.",
+        example="127.0.0.1,::1",
+    )
     quiet: bool = env("SG_WEB_QUIET", False, "No access log lines from the web server.", example="1")
 
     @field_validator("agent_allowlist", mode="before")
@@ -445,6 +455,15 @@ class WebSettings(_EnvModel):
             if not _ALLOWLIST_ENTRY.match(e):
                 raise ValueError(f"{e!r} is neither a Letta agent id nor a plain agent name")
         return entries
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        from web.forwarded import parse_networks  # one parser for what the proxy check compares against
+
+        return parse_networks(e for e in v.split(",") if e.strip())
 
     @field_validator("public_livekit_url", mode="before")
     @classmethod
