@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from letta_client import AsyncLetta, Letta
 from livekit.agents import llm
-from livekit.plugins.letta import ConversationMode, LettaOptions, LettaSessions, LettaTurnOptions
+from livekit.plugins.letta import LettaOptions, LettaTurnOptions
+from livekit.plugins.letta.conversation import ConversationMode
+from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.session_guard import GuardSession, SessionGuard
 
 from tests.integration.conftest import Stack
