@@ -1,4 +1,5 @@
-"""One voice session's side of Letta: its own conversation over the agent's shared memory blocks.
+"""One Letta conversation over the agent's shared memory blocks: what a `letta.LLM` talks in (standalone, or a
+guarded voice session's own).
 
 - **Created lazily, off the hot path.** `prefetch()` starts creating the conversation in the job's scope (so a
   create already sent is never cut off and lost: if the session ended meanwhile, its retirement waits for it), and
@@ -174,8 +175,9 @@ class LettaConversation:
         identity: str = "",
         on_created: Callable[[LettaConversation], Awaitable[None]] | None = None,
     ) -> None:
-        """`scope`: where background work of this session runs (settling a cut run, a recompile after an edit);
-        the session's scope. `on_created` is called once the conversation exists (journaling)."""
+        """`scope`: where background work of this conversation runs (settling a cut run, a recompile after an
+        edit): a guarded session's scope, else the backend's. `on_created` is awaited once the conversation exists
+        (journaling; its failure is logged, the conversation goes on)."""
         self.backend = backend
         self.agent_id = agent_id
         self.room = room
