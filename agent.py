@@ -28,6 +28,8 @@ from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.agents.types import ATTRIBUTE_AGENT_NAME
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
+from livekit.plugins.letta.guard import LettaSessions
+from livekit.plugins.letta.options import agent_id_from_metadata
 
 from sgapp.config import ConfigError, Settings, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
@@ -90,13 +92,13 @@ if SETTINGS.load_threshold is not None:
     server.update_options(load_threshold=SETTINGS.load_threshold)
 
 
-async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> str:
+async def room_agent_id(ctx: JobContext, letta: LettaSessions) -> str:
     """The Letta agent of this room: the dispatch metadata (set by the token server), else LETTA_AGENT_ID, else the
     agent named LETTA_AGENT_NAME. Validated against the Letta server when it answers.
 
     Raises LettaConfigError naming what is wrong (malformed metadata, unknown agent, no agent configured).
     """
-    agent_id = letta_plugin.agent_id_from_metadata(ctx.job.metadata) or SETTINGS.letta_agent_id
+    agent_id = agent_id_from_metadata(ctx.job.metadata) or SETTINGS.letta_agent_id
     if agent_id is None:
         try:
             async with asyncio.timeout(letta.options.request_timeout):
@@ -151,7 +153,7 @@ def older_agent_of_this_name(room: rtc.Room) -> rtc.RemoteParticipant | None:
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
     metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
-    letta = letta_plugin.LettaSessions(client, letta_options(), metrics=metrics.letta)
+    letta = LettaSessions(client, letta_options(), metrics=metrics.letta)
 
     async def close_letta(_: str) -> None:
         await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
@@ -276,7 +278,7 @@ async def check_letta() -> None:
     """At worker start: a wrong LETTA_BASE_URL, or a LETTA_AGENT_ID the server does not have, fails here with a
     message naming it, not later in every job."""
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
-    letta = letta_plugin.LettaSessions(client, letta_plugin.LettaOptions())
+    letta = LettaSessions(client, letta_plugin.LettaOptions())
     try:
         version = await letta.check_server()
         if SETTINGS.letta_agent_id:
