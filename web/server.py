@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -29,12 +28,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from livekit import api as lkapi
 
-from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
+from sgapp.config import ConfigError, Settings, load_settings
 from sgapp.letta_admin import make_client
 from web import tickets
 from web.agents import AGENT_ID_RE, AgentCatalog, Catalog, LettaUnavailable
@@ -436,14 +432,13 @@ def main() -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    load_dotenv_file()
     try:
         settings = load_settings()
         ws = load_web_settings(settings)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     port = args.port or settings.web_port
     logger.info("serving the page on http://%s:%d (agent name %s)", args.host, port, settings.agent_name)
     web.run_app(
@@ -452,7 +447,7 @@ def main() -> int:
         port=port,
         print=None,
         shutdown_timeout=3,
-        access_log=None if os.environ.get("SG_WEB_QUIET") else logger,
+        access_log=None if ws.quiet else logger,
     )
     return 0
 
