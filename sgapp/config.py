@@ -91,8 +91,9 @@ class Settings:
     """Worker load above which it takes no new jobs; None: the framework's default (0.7 in `start`)."""
     no_show_timeout: float = 20.0
     """A job whose room never had a human session this long after joining deletes the room and ends."""
-    max_jobs: int | None = None
-    """When set, the worker reports its load as active jobs / max_jobs instead of machine CPU."""
+    max_jobs: int | Literal["auto", "cpu"] = "auto"
+    """SG_MAX_JOBS: the worker's capacity in jobs (its load is jobs / max_jobs); "auto" (default): derived from the
+    machine (sgapp/capacity.py); "cpu": the framework's machine-CPU load instead (no job limit)."""
     metrics_port: int | None = None
     """Port of the worker's Prometheus `/metrics` (SG_METRICS_PORT); None: no metrics."""
 
@@ -116,6 +117,17 @@ def _metrics_port(env: Mapping[str, str], worker_port: int) -> int | None:
     if port == worker_port:
         raise ConfigError(f"SG_METRICS_PORT={port} is also SG_WORKER_PORT: the metrics server needs its own port")
     return port
+
+
+def _max_jobs(env: Mapping[str, str]) -> int | Literal["auto", "cpu"]:
+    raw = env.get("SG_MAX_JOBS", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw == "cpu":
+        return "cpu"
+    if not raw.lstrip("-").isdigit():
+        raise ConfigError(f"SG_MAX_JOBS={raw!r}: use 'auto', 'cpu' or a number of jobs")
+    return env_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -163,7 +175,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         greeting=env.get("SG_GREETING", "").strip() or "Hello! I'm listening. What can I do for you?",
         load_threshold=env_float(env, "SG_LOAD_THRESHOLD", 0.0, minimum=0.01) if env.get("SG_LOAD_THRESHOLD") else None,
         no_show_timeout=env_float(env, "SG_NO_SHOW_TIMEOUT", 20.0, minimum=1.0),
-        max_jobs=env_int(env, "SG_MAX_JOBS", 0, minimum=1, maximum=100_000) if env.get("SG_MAX_JOBS") else None,
+        max_jobs=_max_jobs(env),
         metrics_port=_metrics_port(env, worker_port),
         local_models_url=_url(env, "SG_LOCALMODELS_URL", "http://127.0.0.1:8399/v1", ("http",))
         if provider == "local"
