@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, overload
 import psutil
 from aiohttp import web
 from livekit.agents import JobContext, JobRequest, utils
+from livekit.agents import __version__ as livekit_agents_version
 from livekit.agents.utils.hw import get_cpu_monitor
 from livekit.agents.worker import ServerEnvOption, ServerType
 
@@ -256,6 +257,7 @@ class SessionGuardServer(HealthRoutesServer):
         self._accepting = 0  # jobs between our "yes" and their launch
         self._refusing = False
         self._registered = False
+        self._routes_added = False
         self.ready_path = ready_path
         self.sessions_endpoint = SessionsEndpoint(path=sessions_path, state_dir=sessions_state_dir)
         self.metrics_dir: MultiprocessDir | None = None
@@ -274,6 +276,7 @@ class SessionGuardServer(HealthRoutesServer):
     def add_health_routes(self, app: web.Application) -> None:
         self.sessions_endpoint.add_routes(app)
         app.router.add_get(self.ready_path, self._ready)
+        self._routes_added = True
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready while registered with livekit-server and not draining."""
@@ -421,6 +424,15 @@ class SessionGuardServer(HealthRoutesServer):
         await super().run(devmode=devmode, unregistered=unregistered)
 
     def _on_started(self) -> None:
+        if not self._routes_added:
+            logger.warning(
+                "[SESSION] %s and %s are not served: the worker started without a health server (a simulation run), "
+                "or livekit-agents %s builds it differently than session_guard.compat expects "
+                "(tests/unit/session_guard/test_compat.py says what changed)",
+                self.sessions_endpoint.path,
+                self.ready_path,
+                livekit_agents_version,
+            )
         if self.metrics_dir is not None and self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_metrics(self.metrics_dir), name="session_guard_sweep")
 
