@@ -12,8 +12,8 @@ prometheus_port=...)``), so the metrics use prometheus_client's multiprocess mod
 - the worker: :class:`MultiprocessDir`, one directory per worker run, and the live gauges of job processes that
   ended (even SIGKILLed) removed with ``mark_process_dead`` (:meth:`MultiprocessDir.sweep`) so
   ``session_guard_live_sessions`` counts living processes only. ``livekit.plugins.session_guard.server.
-  SessionGuardServer(prometheus_port=...)`` does all of it, on the framework's own multiprocess support
-  (``AgentServer(prometheus_multiproc_dir=...)`` exports and empties the directory at start).
+  SessionGuardServer(prometheus_port=...)`` does all of it, on the framework's own multiprocess support (the
+  framework reads ``$PROMETHEUS_MULTIPROC_DIR``, creates and empties the directory at start).
 """
 
 from __future__ import annotations
@@ -169,9 +169,8 @@ class MultiprocessDir:
         return self._dir
 
     def choose(self) -> Path:
-        """Choose and create the directory (idempotent); nothing else. ``SessionGuardServer`` hands it to the
-        framework (``AgentServer(prometheus_multiproc_dir=...)``), which exports and empties it when the worker
-        starts."""
+        """Choose and create the directory (idempotent); nothing else. ``SessionGuardServer`` exports it as
+        ``$PROMETHEUS_MULTIPROC_DIR`` before the framework starts, which then empties and uses it."""
         if self._dir is None:
             if self._explicit is not None:
                 self._dir = self._explicit

@@ -212,8 +212,8 @@ class SessionGuardServer(HealthRoutesServer):
     - ``capacity_hint``: the setting an operator changes, named in the "refusing rooms" warning.
 
     With ``prometheus_port``, the framework's ``/metrics`` server runs in multiprocess mode on
-    ``prometheus_multiproc_dir`` (else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary directory), and the live
-    gauges of job processes that ended are swept every 2 s: see :mod:`.metrics`.
+    ``prometheus_multiproc_dir`` (else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary directory per run),
+    and the live gauges of job processes that ended are swept every 2 s: see :mod:`.metrics`.
     """
 
     def __init__(
@@ -265,8 +265,9 @@ class SessionGuardServer(HealthRoutesServer):
         if kwargs.get("prometheus_port") is not None:
             from .metrics import MultiprocessDir  # prometheus_client only when metrics are on
 
+            # chosen in run(): nothing is created by constructing a server (agent modules are re-imported in job
+            # processes)
             self.metrics_dir = MultiprocessDir(kwargs.pop("prometheus_multiproc_dir", None))
-            kwargs["prometheus_multiproc_dir"] = str(self.metrics_dir.choose())
         super().__init__(**kwargs)
         self.on("worker_registered", self._on_registered)
         self.on("worker_started", self._on_started)
@@ -415,12 +416,14 @@ class SessionGuardServer(HealthRoutesServer):
             logger.info("[CAPACITY] at most %d jobs (%s)", self.max_jobs, how, extra={"max_jobs": self.max_jobs})
         else:
             logger.info("[CAPACITY] load = machine CPU or the load function; no job limit")
-        if self.metrics_dir is not None and self.metrics_dir.path is not None:
-            # The framework exports the directory in run(); set here too so that this process's own metrics (the
-            # framework's worker gauges, made later) are switched to files before any of them exists.
-            os.environ[MULTIPROC_ENV] = str(self.metrics_dir.path)
+        if self.metrics_dir is not None:
+            # The framework's own multiprocess support takes the directory from $PROMETHEUS_MULTIPROC_DIR (its
+            # documented alternative to prometheus_multiproc_dir=), creates and empties it; set before run() so this
+            # process's own metrics (the framework's worker gauges, made later) are switched to files as well.
+            path = self.metrics_dir.choose()
+            os.environ[MULTIPROC_ENV] = str(path)
             use_multiprocess_values()
-            logger.info("[SESSION] Prometheus multiprocess directory %s", self.metrics_dir.path)
+            logger.info("[SESSION] Prometheus multiprocess directory %s", path)
         await super().run(devmode=devmode, unregistered=unregistered)
 
     def _on_started(self) -> None:
