@@ -135,6 +135,8 @@ async def test_without_sg_max_jobs_the_worker_serves_a_room(stack: Stack, letta_
         )
         await human.join()
         await human.wait_for_agent(timeout=40)
+        greeting = await human.next_reply(timeout=40)  # the agent serves the room: it speaks first
+        assert greeting, "the agent greets"
         reply = await human.ask(f"hello from {human.identity}", timeout=60, expect=human.identity)
         assert reply.startswith(f"You said: hello from {human.identity}."), reply
         assert "refuses rooms" not in w.log_text()
