@@ -30,7 +30,10 @@ from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.letta.options import agent_id_from_metadata
+from livekit.plugins.session_guard.server import MachineCapacity, SessionGuardServer
+from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV
 
+from sgapp.capacity import default_capacity
 from sgapp.config import ConfigError, Settings, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
 from sgapp.metrics import USERDATA_KEY as METRICS_KEY
@@ -47,7 +50,7 @@ except ConfigError as e:
     sys.exit(2)
 
 # Job processes inherit the environment of the worker: this is where they publish their sessions for /sessions.
-os.environ[sg.STATE_DIR_ENV] = str(SETTINGS.state_dir or tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-"))
+os.environ[STATE_DIR_ENV] = str(SETTINGS.state_dir or tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-"))
 
 
 def letta_options() -> letta_plugin.LettaOptions:
@@ -67,7 +70,19 @@ def prewarm(proc: JobProcess) -> None:
         logger.debug("Letta client warmed up in %.0f ms (Letta answered: %s)", warm.seconds * 1000, warm.reached)
 
 
-server = sg.SessionGuardServer(
+def max_jobs() -> int | MachineCapacity | None:
+    """SG_MAX_JOBS as the worker's capacity: a number, "auto" (from the machine: sgapp/capacity.py; the worker logs
+    how it was derived), or "cpu" (None: the framework's machine-CPU load, no job limit)."""
+    if SETTINGS.max_jobs == "cpu":
+        return None
+    if SETTINGS.max_jobs == "auto":
+        return default_capacity(SETTINGS.provider)
+    return SETTINGS.max_jobs
+
+
+MAX_JOBS = max_jobs()
+
+server = SessionGuardServer(
     ws_url=SETTINGS.livekit_url,
     api_key=SETTINGS.livekit_api_key,
     api_secret=SETTINGS.livekit_api_secret,
@@ -83,13 +98,14 @@ server = sg.SessionGuardServer(
     # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
     # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
     # CPU crosses that while the worker is idle, and dispatches are dropped without a word. It also lets an idle
-    # worker accept simultaneous dispatches (SessionGuardServer's docstring).
-    max_jobs=SETTINGS.max_jobs,
+    # worker accept simultaneous dispatches (SessionGuardServer's docstring). /ready answers 200 once registered.
+    max_jobs=MAX_JOBS,
+    # SG_LOAD_THRESHOLD applies to the CPU load only (SG_MAX_JOBS=cpu); a job count has its own limit
+    load_threshold=SETTINGS.load_threshold if MAX_JOBS is None else None,
+    capacity_hint="SG_MAX_JOBS (auto or a number of rooms)",
     # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
     initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
 )
-if SETTINGS.load_threshold is not None:
-    server.update_options(load_threshold=SETTINGS.load_threshold)
 
 
 async def room_agent_id(ctx: JobContext, letta: LettaSessions) -> str:

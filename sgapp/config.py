@@ -236,18 +236,18 @@ class Settings(_EnvModel):
     load_threshold: float | None = env(
         "SG_LOAD_THRESHOLD",
         None,
-        "Worker load (0-1) above which it takes no new jobs (`start` mode default 0.7; `inf` never refuses).",
+        "With SG_MAX_JOBS=cpu only: machine CPU load (0-1) above which it takes no new jobs (`start` mode default "
+        "0.7).",
         example="0.7",
         ge=0.01,
     )
-    max_jobs: int | None = env(
+    max_jobs: int | Literal["auto", "cpu"] = env(
         "SG_MAX_JOBS",
-        None,
-        "Report load as active jobs / SG_MAX_JOBS instead of machine CPU (livekit-server stops dispatching to a "
-        "worker whose load is >= 0.7, so a CPU busy with other services starves it; see docs/design-notes.md).",
-        example="10",
-        ge=1,
-        le=100_000,
+        "auto",
+        "The worker's capacity in rooms: auto (default: from the machine's cores and memory, docs/operations.md), a "
+        "number, or cpu (machine CPU as the load: livekit-server stops dispatching to a worker whose load is >= 0.7, "
+        "so a CPU busy with other services starves it; the worker then logs a WARNING).",
+        example="auto",
     )
     no_show_timeout: float = env(
         "SG_NO_SHOW_TIMEOUT",
@@ -322,6 +322,18 @@ class Settings(_EnvModel):
         if v is not None and not v.startswith("agent-"):
             raise ValueError("does not look like a Letta agent id (agent-...)")
         return v
+
+    @field_validator("max_jobs", mode="before")
+    @classmethod
+    def _max_jobs(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        raw = v.strip().lower()
+        if raw in ("", "auto", "cpu"):
+            return raw or "auto"
+        if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
+            raise ValueError("use 'auto', 'cpu' or a number of jobs from 1 to 100000")
+        return int(raw)
 
     @field_validator("metrics_port", mode="before")
     @classmethod

@@ -43,7 +43,7 @@ def test_defaults_pick_the_local_models_without_a_key() -> None:
     assert s.log_level == "INFO" and s.logging_level == 20
     assert s.drain_timeout == 30 and s.idle_processes == 1
     assert s.letta_journal_dir == Path.home() / ".local" / "state" / "session-guard" / "letta-journal"
-    assert s.letta_end_summary is False and s.state_dir is None and s.max_jobs is None
+    assert s.letta_end_summary is False and s.state_dir is None and s.max_jobs == "auto"
 
 
 def test_the_test_provider_is_chosen_by_name() -> None:
@@ -90,7 +90,7 @@ def test_worker_values_are_parsed() -> None:
 
 def test_an_empty_value_means_unset() -> None:
     s = load_settings({**BASE, "SG_RECONNECT_WINDOW": "", "SG_MAX_JOBS": "", "AGENT_NAME": "", "SG_PROVIDER": ""})
-    assert (s.reconnect_window, s.max_jobs, s.agent_name, s.provider) == (30.0, None, "session-guard", "local")
+    assert (s.reconnect_window, s.max_jobs, s.agent_name, s.provider) == (30.0, "auto", "session-guard", "local")
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_an_empty_value_means_unset() -> None:
         ({"SG_METRICS_PORT": "nine"}, "SG_METRICS_PORT='nine' is not an integer"),
         ({"SG_METRICS_PORT": "70000"}, "SG_METRICS_PORT='70000' must be between 1 and 65535"),
         ({"SG_METRICS_PORT": "8081"}, "SG_METRICS_PORT=8081 is also SG_WORKER_PORT"),
-        ({"SG_MAX_JOBS": "0"}, "SG_MAX_JOBS='0' must be between 1 and 100000"),
+        ({"SG_MAX_JOBS": "0"}, "SG_MAX_JOBS='0': use 'auto', 'cpu' or a number of jobs from 1 to 100000"),
         ({"SG_LOAD_THRESHOLD": "0"}, "SG_LOAD_THRESHOLD='0' must be >= 0.01"),
         ({"SG_NO_SHOW_TIMEOUT": "soon"}, "SG_NO_SHOW_TIMEOUT='soon' is not a number"),
         ({"SG_DRAIN_TIMEOUT": "1.5"}, "SG_DRAIN_TIMEOUT='1.5' is not an integer"),
