@@ -30,7 +30,7 @@ LLAMA_CPP_PYTHON_VERSION=0.3.36
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
 # redis-server: LiveKit's distributed mode (`scripts/stack up --nodes 2`, tests/faults); started by scripts/stack.
 # cmake, g++: llama-cpp-python (the local model server) is compiled once from its sdist.
-APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++)
+APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++ caddy)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"

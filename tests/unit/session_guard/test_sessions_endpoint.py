@@ -122,7 +122,6 @@ def test_sigkilled_job_process_keeps_totals_and_drops_sessions(tmp_path: Path) -
     child = textwrap.dedent(
         f"""
         import asyncio, sys
-        sys.path.insert(0, {str(REPO)!r})
         from tests.unit.session_guard.fakes import FakeRoom, fast_options, HANGUP
         from livekit.plugins.session_guard import SessionGuard
 
