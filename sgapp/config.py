@@ -581,7 +581,23 @@ class StackSettings(_EnvModel):
         "OPENAI_API_KEY", None, "Dev profile: OpenAI instead of the local models.", secret=True
     )
     openai_base_url: str | None = env("OPENAI_BASE_URL", None, "")
+    provider: ProviderMode | None = env(
+        "SG_PROVIDER", None, "Dev profile: the model provider (default: openai with a key, else local); test: test."
+    )
     dir: Path = env("SG_<PROFILE>_STACK_DIR", ROOT / ".stack", "The profile's folder: data, logs, pid files.")
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _provider_case(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @property
+    def provider_mode(self) -> ProviderMode:
+        """The test profile always runs the deterministic test provider (tests assert on its replies); the dev
+        profile the one SG_PROVIDER names, else OpenAI with a key, else the offline local models."""
+        if self.profile == "test":
+            return "test"
+        return self.provider or ("openai" if self.openai_key else "local")
 
     @model_validator(mode="before")
     @classmethod
@@ -676,8 +692,11 @@ def load_stack_settings(
     dir_var = f"SG_{profile.upper()}_STACK_DIR"
     values = _raw_values(model, env, dotenv if profile == "dev" else None, env_only=[dir_var])
     if profile != "dev":
-        values = {k: v for k, v in values.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    return _validate(model, values)
+        values = {k: v for k, v in values.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SG_PROVIDER")}
+    settings = _validate(model, values)
+    if settings.provider_mode == "openai" and not settings.openai_key:
+        raise ConfigError("SG_PROVIDER=openai needs OPENAI_API_KEY")
+    return settings
 
 
 # --------------------------------------------------------------------------------------------------------- errors

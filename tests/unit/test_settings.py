@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 
@@ -292,19 +291,16 @@ def _scripts_stack(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         {},
         {"SG_DEV_LETTA_PORT": "1111", "SG_TEST_WEB_PORT": "2222", "SG_TEST_STACK_DIR": "/tmp/x", "LIVEKIT_API_KEY": ""},
         {"OPENAI_API_KEY": "sk-shell", "OPENAI_BASE_URL": "http://p/v1", "LIVEKIT_API_SECRET": "z" * 40},
+        {"SG_PROVIDER": "test"},
     ],
 )
-def test_stack_settings_match_scripts_stack(
+def test_scripts_stack_reads_its_settings_from_the_model(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Until scripts/stack reads its settings from here, both must agree (the same environment and .env)."""
-    text = (ROOT / "scripts" / "stack").read_text()
-    if "def load_config" not in text:
-        assert "load_stack_settings" in text, "scripts/stack reads its settings from sgapp.config"
-        return
+    """scripts/stack's Config is the model's StackSettings (one settings model for worker, web and scripts)."""
     stack = _scripts_stack(monkeypatch)
     (tmp_path / ".env").write_text("SG_DEV_WEB_PORT=9300\nOPENAI_API_KEY=sk-file\nLIVEKIT_API_KEY=file-key\n")
-    monkeypatch.setattr(stack, "ROOT", tmp_path)
+    monkeypatch.setattr(stack, "load_stack_settings", lambda p: load_stack_settings(p, dotenv=tmp_path / ".env"))
     for name in [k for k in os.environ if k.startswith(("SG_", "LIVEKIT_", "OPENAI_"))]:
         monkeypatch.delenv(name)
     for k, v in env.items():
@@ -312,19 +308,29 @@ def test_stack_settings_match_scripts_stack(
     for profile in ("dev", "test"):
         theirs = stack.load_config(profile)
         ours = load_stack_settings(profile, dotenv=tmp_path / ".env")
-        got: dict[str, Any] = {
-            "ports": ours.ports,
-            "livekit_key": ours.livekit_key,
-            "livekit_secret": ours.livekit_secret,
-            "openai_key": ours.openai_key,
-            "openai_base_url": ours.openai_base_url,
-        }
-        assert got == {k: getattr(theirs, k) for k in got}, profile
-        folder = str(STACK_PROFILES[profile]["dir"])
-        if f"SG_{profile.upper()}_STACK_DIR" in env:
-            assert ours.dir == theirs.dir
-        else:  # each below its own checkout (scripts/stack's ROOT is patched to tmp_path here)
-            assert (ours.dir, theirs.dir) == (ROOT / folder, tmp_path / folder)
+        mode = ours.provider_mode
+        assert (theirs.ports, theirs.dir, theirs.livekit_key, theirs.livekit_secret, theirs.provider_mode) == (
+            ours.ports,
+            ours.dir,
+            ours.livekit_key,
+            ours.livekit_secret,
+            mode,
+        ), profile
+        assert theirs.openai_key == (ours.openai_key if mode == "openai" else None)
+        if profile == "dev":
+            assert theirs.ports["web"] == 9300, ".env counts for the dev profile"
+            assert mode == (env.get("SG_PROVIDER") or "openai"), "a key in .env or the shell means OpenAI"
+        else:
+            assert mode == "test" and theirs.openai_key is None, "the test profile never uses OpenAI"
+            assert theirs.ports["web"] == int(env.get("SG_TEST_WEB_PORT", 29000))
+
+
+def test_stack_provider_openai_needs_a_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SG_PROVIDER=openai needs OPENAI_API_KEY"):
+        load_stack_settings("dev", {"SG_PROVIDER": "openai"})
+    with pytest.raises(ConfigError, match="SG_PROVIDER"):
+        load_stack_settings("dev", {"SG_PROVIDER": "claude"})
+    assert load_stack_settings("test", {"SG_PROVIDER": "openai"}).provider_mode == "test"
 
 
 # ----------------------------------------------------------------------------------------------------- .env.example

@@ -87,7 +87,7 @@ def test_bad_port_setting_is_a_clear_error(profile_env: dict[str, str]) -> None:
     profile_env["SG_TEST_LETTA_PORT"] = "eighty"
     r = run(profile_env, "status")
     assert r.returncode == 2
-    assert "SG_TEST_LETTA_PORT='eighty' is not a port number" in r.stderr
+    assert "SG_TEST_LETTA_PORT='eighty' is not an integer" in r.stderr
 
 
 def test_down_on_a_profile_that_never_ran_is_a_no_op(profile_env: dict[str, str]) -> None:
