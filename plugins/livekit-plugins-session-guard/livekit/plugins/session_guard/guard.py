@@ -51,10 +51,8 @@ from .core import (
     StartTimer,
     StopConnection,
     SuccessNoted,
-    TasksLeaked,
     TimerFired,
     TimerKind,
-    Totals,
     TrackAdded,
     TrackPublished,
     TrackRemoved,
@@ -66,6 +64,7 @@ from .log import logger
 from .options import SessionGuardOptions
 from .scope import LeakKeeper, ScopeResult, TaskScope, format_task_stack
 from .state_dir import STATE_DIR_ENV, SnapshotPublisher
+from .totals import Totals, tally
 
 if TYPE_CHECKING:
     from livekit.agents import JobContext
@@ -714,6 +713,7 @@ class SessionGuard:
         self._opts = options or SessionGuardOptions()
         self._config = self._opts.core_config()
         self._state: CoreState = initial_state()
+        self._totals = Totals()
         try:
             self._loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         except RuntimeError:
@@ -935,12 +935,12 @@ class SessionGuard:
                 )
             result = await self._work.aclose(max(0.05, t0 + bound - loop.time() - 0.05))
             if result.leaked:
-                self._dispatch(TasksLeaked(len(result.leaked), self._now()))
+                self._count(self._totals.add(tasks_leaked=len(result.leaked)))
         finally:
             self._detach()
             if self._publisher is not None:
                 self._publisher.write_now()
-            totals = self._state.totals.as_dict()
+            totals = self._totals.as_dict()
             lf.info(
                 "SHUTDOWN",
                 "session guard closed",
@@ -977,7 +977,7 @@ class SessionGuard:
             "active": len(sessions),
             "by_state": by_state,
             "sessions": sessions,
-            "totals": self._state.totals.as_dict(),
+            "totals": self._totals.as_dict(),
             "leaked_tasks_running": len(self._leaks),
             "closed": self._closing,
         }
@@ -1059,10 +1059,8 @@ class SessionGuard:
         try:
             while self._inbox:
                 ev, ev_refs = self._inbox.popleft()
-                before = self._state.totals
                 self._state, effects = step(self._state, ev, self._config)
-                if self._metrics is not None and self._state.totals is not before:
-                    self._observe_totals(before, self._state.totals)
+                self._count(tally(self._totals, effects))
                 for eff in effects:
                     try:
                         self._apply(eff, ev_refs)
@@ -1104,7 +1102,10 @@ class SessionGuard:
             self._metrics = None
             logger.exception("[SESSION] the metrics sink %r failed in %s: metrics off for this guard", sink, method)
 
-    def _observe_totals(self, before: Totals, after: Totals) -> None:
+    def _count(self, after: Totals) -> None:
+        before, self._totals = self._totals, after
+        if self._metrics is None or after is before:
+            return
         old, new = before.as_dict(), after.as_dict()
         delta = {k: new[k] - old[k] for k in new if k != "ended" and new[k] != old[k]}
         if delta:
@@ -1333,7 +1334,7 @@ class SessionGuard:
             elif not task.cancelled() and task.exception() is not None:
                 logger.error("[SESSION] last-human hook %s failed", name, exc_info=task.exception())
         if leaked:
-            self._dispatch(TasksLeaked(leaked, self._now()))
+            self._count(self._totals.add(tasks_leaked=leaked))
 
 
 def _current_job_id() -> str:
