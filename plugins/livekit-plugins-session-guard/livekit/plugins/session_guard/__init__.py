@@ -17,19 +17,10 @@ from .endpoint import (
     SessionsEndpointMixin,
     install_sessions_endpoint,
 )
-from .guard import (
-    Connection,
-    EndHook,
-    GuardMetricsSink,
-    GuardSession,
-    Notice,
-    NoticeHook,
-    RoomHook,
-    SessionGuard,
-    SessionHook,
-    end_sessions_before_disconnect,
-)
+from .guard import SessionGuard, end_sessions_before_disconnect
+from .hooks import EndHook, Notice, NoticeHook, RoomHook, SessionHook
 from .log import logger
+from .observe import GuardMetricsSink
 from .options import (
     DEFAULT_END_REASONS,
     DEFAULT_HUMAN_KINDS,
@@ -37,6 +28,7 @@ from .options import (
     SessionGuardOptions,
 )
 from .scope import LeakKeeper, ScopeClosedError, ScopeResult, TaskScope
+from .session import Connection, GuardSession
 from .state_dir import STATE_DIR_ENV, read_state_dir
 from .version import __version__
 

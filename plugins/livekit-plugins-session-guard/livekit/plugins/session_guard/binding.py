@@ -33,8 +33,9 @@ from livekit.agents.voice.events import (
     UserStateChangedEvent,
 )
 
-from .guard import GuardSession, Notice
+from .hooks import Notice
 from .log import logger
+from .session import GuardSession
 
 __all__ = ["CHAT_CTX_KEY", "AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
 
