@@ -15,7 +15,7 @@ from letta_client import AsyncLetta
 from livekit.agents import llm
 from livekit.plugins.letta import LettaBackend, LettaConversation, LettaLLM, LettaOptions
 from livekit.plugins.letta.retire import Retirements
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 Rows = list[tuple[str, list[float]]]
 

@@ -1,29 +1,18 @@
-"""One voice connection: an `AgentSession` bound to one human, talking through the session's Letta conversation.
-
-LiveKit's AgentSession is not meant to be restarted (a restarted session never auto-closes again), so every
-(re)connection gets a new one; on resume the chat context of the previous connection is carried over, on a fresh
-session it starts empty. Letta keeps the real history in the session's conversation either way.
+"""One voice connection: the `AgentSession` of one human's connection, talking through the session's Letta
+conversation. The session guard starts it (`GuardSession.start`: one per (re)connection, the previous connection's
+history on a resume); Letta keeps the real history in the session's conversation either way.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-from livekit import rtc
-from livekit.agents import Agent, AgentSession, ConversationItemAddedEvent, llm, room_io
+from livekit.agents import Agent, AgentSession, ConversationItemAddedEvent, llm
 
 from .providers import Voice
 
 logger = logging.getLogger("sgapp.voice")
-
-
-@dataclass(frozen=True)
-class ConnectionSpec:
-    identity: str
-    greeting: str | None
-    chat_ctx: llm.ChatContext | None = None
 
 
 class VoiceAgent(Agent):
@@ -80,23 +69,3 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
     )
     session.on("conversation_item_added", log_turn_metrics)
     return session
-
-
-async def start_connection(session: AgentSession[Any], room: rtc.Room, spec: ConnectionSpec) -> None:
-    await session.start(
-        VoiceAgent(chat_ctx=spec.chat_ctx),
-        room=room,
-        room_options=room_io.RoomOptions(
-            participant_identity=spec.identity,
-            # Typed text arrives through the job's ChatRouter (one owner of `lk.chat` per room), not RoomIO.
-            text_input=False,
-            text_output=True,
-            audio_input=True,
-            audio_output=True,
-            # The session guard decides when a session ends (hang-up vs network drop, reconnect window).
-            close_on_disconnect=False,
-        ),
-        record=False,
-    )
-    if spec.greeting:
-        session.say(spec.greeting, allow_interruptions=True, add_to_chat_ctx=True)

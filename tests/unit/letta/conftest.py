@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 from letta_client import AsyncLetta
 from livekit.plugins.letta import LettaBackend, LettaOptions, LettaTurnOptions
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from tests.unit.letta.fake_letta import FakeLetta
 

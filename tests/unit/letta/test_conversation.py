@@ -16,7 +16,7 @@ from livekit.plugins.letta import (
     LettaTurnOptions,
     LettaUnavailableError,
 )
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from tests.unit.letta.conftest import make_backend
 from tests.unit.letta.fake_letta import FakeLetta

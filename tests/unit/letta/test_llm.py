@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError, llm
 from livekit.plugins.letta import LettaConversation, LettaLLM, LettaTurnOptions, last_user_text
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from tests.unit.letta.conftest import as_client, make_backend
 from tests.unit.letta.fake_letta import FakeLetta

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from livekit.plugins.letta import LettaConversation, RetirementJournal
 from livekit.plugins.letta.retire import Retirements, summarize_messages
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from tests.unit.letta.conftest import make_backend
 from tests.unit.letta.fake_letta import FakeLetta

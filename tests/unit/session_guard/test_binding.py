@@ -21,9 +21,8 @@ from livekit.plugins.session_guard import (
     GuardSession,
     SessionGuard,
     SessionState,
-    bind_agent_session,
-    saved_chat_ctx,
 )
+from livekit.plugins.session_guard.binding import bind_agent_session, saved_chat_ctx
 
 from .fakes import HANGUP, SIGNAL_CLOSE, FakeRoom, HookLog, fast_options, settle, wait_for
 
@@ -155,12 +154,12 @@ async def test_connection_stop_saves_history_closes_agent_session_and_detaches()
     room.remove(p, SIGNAL_CLOSE)
     await settle(guard)
     assert agent.closed and not any(agent._events.values())
-    ctx = saved_chat_ctx(session)
+    ctx = await saved_chat_ctx(session)
     assert ctx is not None and ctx.items[0].text_content == "hello"  # type: ignore[union-attr]
     agent.emit("error", llm_error())  # a late event of the old AgentSession changes nothing
     room.add("alice")
     await settle(guard)
-    assert session.state is SessionState.ACTIVE and saved_chat_ctx(session) is not None
+    assert session.state is SessionState.ACTIVE and await saved_chat_ctx(session) is not None
     await guard.aclose()
 
 

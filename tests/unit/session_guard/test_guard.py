@@ -13,11 +13,11 @@ from livekit.plugins.session_guard import (
     GuardSession,
     Notice,
     NoticeKind,
-    ScopeClosedError,
     SessionGuard,
     SessionState,
     end_sessions_before_disconnect,
 )
+from livekit.plugins.session_guard.scope import ScopeClosedError
 
 from .fakes import (
     AGENT,

@@ -17,15 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 from livekit.agents import AgentServer, JobContext
-from livekit.plugins.session_guard import (
-    STATE_DIR_ENV,
-    SessionGuard,
-    SessionGuardServer,
-    SessionsEndpointMixin,
-    install_sessions_endpoint,
-    read_state_dir,
-)
-from livekit.plugins.session_guard.state_dir import process_start_time
+from livekit.plugins.session_guard import SessionGuard
+from livekit.plugins.session_guard.endpoint import SessionGuardServer, SessionsEndpointMixin, install_sessions_endpoint
+from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV, process_start_time, read_state_dir
 
 from .fakes import HANGUP, FakeRoom, fast_options, settle, wait_for
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
 from letta_client import AsyncLetta
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from . import _logfmt as lf
 from ._calls import bounded, error_kind, is_not_found

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from letta_client import APIConnectionError, APIStatusError, omit
-from livekit.plugins.session_guard import ScopeClosedError, TaskScope
+from livekit.plugins.session_guard.scope import ScopeClosedError, TaskScope
 
 from . import _logfmt as lf
 from ._calls import is_busy, is_not_found, short_detail

@@ -23,7 +23,7 @@ from typing import Any
 from letta_client import AsyncLetta
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError, llm
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.session_guard.scope import TaskScope
 
 from .backend import LettaBackend
 from .conversation import LettaConversation

@@ -31,7 +31,8 @@ from typing import Any
 from letta_client import AsyncLetta
 from livekit.agents import AgentSession
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
-from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState, TaskScope
+from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState
+from livekit.plugins.session_guard.scope import TaskScope
 
 from . import _logfmt as lf
 from ._calls import is_not_found, short_detail

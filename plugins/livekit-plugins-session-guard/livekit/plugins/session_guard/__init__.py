@@ -1,73 +1,45 @@
 """Reconnect-safe per-participant sessions for LiveKit Agents.
 
-One owner for every task of a session, exactly-once cleanup, a reconnect window, limits (max duration,
-idle, consecutive errors), graceful shutdown and a cross-process ``/sessions`` endpoint.
+One owner for every task of a session, exactly-once cleanup, a reconnect window, limits, room hygiene and a
+graceful shutdown. Adopt it in a few lines (``examples/starter_agent.py``)::
+
+    @server.rtc_session(on_session_end=session_guard.end_sessions_before_disconnect)
+    async def entrypoint(ctx: JobContext) -> None:
+        async def connection(session: session_guard.GuardSession) -> None:
+            agent_session = AgentSession(stt=..., llm=..., tts=..., vad=...)
+            await session.start(agent_session, Assistant())
+            if session.fresh:
+                await agent_session.generate_reply(instructions="Greet the user.")
+
+        await session_guard.SessionGuard(ctx.room).serve(ctx, connection)
+
+Everything else is in submodules: ``scope`` (TaskScope), ``chat`` (ChatRouter), ``binding``, ``resume`` (the saved
+state a connection resumes from), ``observe`` (observers, the metrics sink protocol), ``options`` (disconnect
+reason sets), ``core`` (the pure state machine), ``metrics`` / ``endpoint`` / ``state_dir`` (worker side).
 """
 
 from __future__ import annotations
 
 from livekit.agents import Plugin
 
-from .binding import CHAT_CTX_KEY, AgentSessionBinding, bind_agent_session, saved_chat_ctx
-from .chat import TOPIC_CHAT, ChatRouter, TextDelivery
 from .core import EndReason, NoticeKind, SessionState
-from .endpoint import (
-    SessionGuardServer,
-    SessionsEndpoint,
-    SessionsEndpointMixin,
-    install_sessions_endpoint,
-)
 from .guard import SessionGuard, end_sessions_before_disconnect
-from .hooks import EndHook, Notice, NoticeHook, RoomHook, SessionHook
+from .hooks import Notice
 from .log import logger
-from .observe import GuardMetricsSink
-from .options import (
-    DEFAULT_END_REASONS,
-    DEFAULT_HUMAN_KINDS,
-    FINAL_DISCONNECT_REASONS,
-    SessionGuardOptions,
-)
-from .scope import LeakKeeper, ScopeClosedError, ScopeResult, TaskScope
-from .session import Connection, GuardSession
-from .state_dir import STATE_DIR_ENV, read_state_dir
+from .options import SessionGuardOptions
+from .session import GuardSession
 from .version import __version__
 
 __all__ = [
-    "CHAT_CTX_KEY",
-    "DEFAULT_END_REASONS",
-    "DEFAULT_HUMAN_KINDS",
-    "FINAL_DISCONNECT_REASONS",
-    "STATE_DIR_ENV",
-    "TOPIC_CHAT",
-    "AgentSessionBinding",
-    "ChatRouter",
-    "Connection",
-    "EndHook",
     "EndReason",
-    "GuardMetricsSink",
     "GuardSession",
-    "LeakKeeper",
     "Notice",
-    "NoticeHook",
     "NoticeKind",
-    "RoomHook",
-    "ScopeClosedError",
-    "ScopeResult",
     "SessionGuard",
     "SessionGuardOptions",
-    "SessionGuardServer",
-    "SessionHook",
     "SessionState",
-    "SessionsEndpoint",
-    "SessionsEndpointMixin",
-    "TaskScope",
-    "TextDelivery",
     "__version__",
-    "bind_agent_session",
     "end_sessions_before_disconnect",
-    "install_sessions_endpoint",
-    "read_state_dir",
-    "saved_chat_ctx",
 ]
 
 

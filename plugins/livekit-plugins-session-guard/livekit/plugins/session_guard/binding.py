@@ -12,8 +12,8 @@ AgentSession of this connection):
 - notices of this connection (idle warning, goodbyes) → ``agent_session.say(text)``, awaited to playout.
 
 The binding lives in the connection scope: when the connection stops (AWAY, takeover, end), its handlers
-are removed, the chat history is saved for a resume (:func:`saved_chat_ctx`) and the AgentSession is
-closed (``aclose``), within the scope's bound.
+are removed, the chat history is saved for a resume (a ``ResumeState`` in the guard's resume store:
+:func:`saved_chat_ctx`) and the AgentSession is closed (``aclose``), within the scope's bound.
 """
 
 from __future__ import annotations
@@ -37,16 +37,13 @@ from .hooks import Notice
 from .log import logger
 from .session import GuardSession
 
-__all__ = ["CHAT_CTX_KEY", "AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
-
-CHAT_CTX_KEY = "livekit.plugins.session_guard.chat_ctx"
-"""``session.userdata`` key of the chat history saved when a connection stops."""
+__all__ = ["AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
 
 
-def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
-    """The chat history of the previous connection of this session (for a resume), if any."""
-    ctx = session.userdata.get(CHAT_CTX_KEY)
-    return ctx if isinstance(ctx, llm.ChatContext) else None
+async def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
+    """The chat history saved when this session's previous connection stopped (for a resume), if any."""
+    state = await session.resume_state()
+    return state.chat_ctx() if state is not None else None
 
 
 class AgentSessionBinding:
@@ -133,7 +130,7 @@ class AgentSessionBinding:
             self.detach()
             if self._keep_history:
                 try:
-                    self.session.userdata[CHAT_CTX_KEY] = self.agent_session.history.copy()
+                    await self.session.save_resume_state(self.agent_session.history)
                 except Exception as e:
                     logger.warning("[SESSION] could not save the chat history: %r", e)
             if self._close_on_stop:

@@ -47,6 +47,9 @@ async def run_cleanup(r: Runner, eff: BeginCleanup) -> None:
         for hook in reversed(list(g._hooks.end)):
             fn = functools.partial(hook, s, eff.reason)
             errors += not await r.call(f"end hook {hook_name(hook)}", fn, g._opts.hook_timeout, None)
+    # 4b. the saved resume state: an ended session never resumes
+    drop = functools.partial(g.resume_store.drop, s.room_name, s.identity)
+    errors += not await r.call("drop resume state", drop, g._opts.hook_timeout, None)
     r.cleanup_errors += errors
     # 5, 6 and the report: what needs no waiting
     r.finish(eff, forced=False, started=t0)

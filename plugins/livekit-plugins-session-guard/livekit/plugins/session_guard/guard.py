@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from livekit import rtc
 
 from . import _logfmt as lf
+from .chat import ChatRouter
 from .cleanup import close_guard
 from .core import (
     ActivityNoted,
@@ -60,6 +61,7 @@ from .observe import (
     Stepped,
 )
 from .options import SessionGuardOptions
+from .resume import MemoryResumeStore, ResumeStore
 from .room_events import RoomEvents
 from .runner import AwayJob, CleanupJob, NoticeJob, ResumeJob, Runner, StartJob, StopJob
 from .scope import LeakKeeper, TaskScope, format_task_stack
@@ -106,12 +108,14 @@ class SessionGuard:
         job_id: str | None = None,
         metrics: GuardMetricsSink | None = None,
         observers: Sequence[GuardObserver] = (),
+        resume_store: ResumeStore | None = None,
     ) -> None:
         """``state_dir``: where to publish snapshots for the worker's ``/sessions`` (default: the
         ``SESSION_GUARD_STATE_DIR`` env var, set by the worker; no publishing if neither).
         ``job_id``: names the snapshot file (default: the current job's id).
         ``metrics``: where to report counts, ends, cleanup latencies (e.g. ``metrics.SessionGuardMetrics``).
-        ``observers``: more observers of what happens (``observe.GuardObserver``)."""
+        ``observers``: more observers of what happens (``observe.GuardObserver``).
+        ``resume_store``: where a stopped connection's state waits for the next one (default: in this process)."""
         self._room = room
         self._opts = options or SessionGuardOptions()
         self._config = self._opts.core_config()
@@ -127,6 +131,9 @@ class SessionGuard:
         self._leaks = LeakKeeper()
         self._work = TaskScope("session_guard", leak_keeper=self._leaks)
         self._hooks = Hooks()
+        self.resume_store: ResumeStore = resume_store if resume_store is not None else MemoryResumeStore()
+        self.chat_router: ChatRouter | None = None
+        """The room's ``lk.chat`` router once ``serve`` runs (typed text to each sender's current AgentSession)."""
         self._events = RoomEvents(room, self._dispatch, self._now, lambda: self.room_name)
         self._attached = False
         self._closing = False
@@ -263,6 +270,40 @@ class SessionGuard:
             self._publisher_task = self._work.spawn(self._publisher.run(), name="snapshot_publisher")
         lf.info("CONNECT", "session guard attached", room=self.room_name, state="attached")
         self._events.resync()
+        return self
+
+    async def serve(self, ctx: JobContext, on_connection: SessionHook) -> SessionGuard:
+        """Run this guard for the job: ``on_connection(session)`` is called for every fresh session *and* every
+        resume, and makes the AgentSession of that connection (``await session.start(AgentSession(...), agent)``;
+        ``session.fresh`` tells a new conversation from a resumed one).
+
+        Also: typed text routed per sender (``chat.ChatRouter``), sessions ended on job shutdown while the room is
+        still connected (pass ``end_sessions_before_disconnect`` as ``rtc_session(on_session_end=...)``), and room
+        hygiene (``SessionGuardOptions.no_show_timeout`` / ``delete_room_when_empty`` / ``leave_if_older_agent``).
+        Connects the job to the room; returns once the guard is attached."""
+        from .hygiene import RoomHygiene
+
+        router = self.chat_router = ChatRouter(self._room)
+        self.on_session_start(on_connection)
+        self.on_session_resume(on_connection)
+
+        @self.on_session_end
+        async def _forget_typed_text(session: GuardSession, reason: EndReason) -> None:
+            router.forget(session.identity)
+
+        hygiene = RoomHygiene(ctx, self)
+        self.register_with_job(ctx)
+
+        async def close_router(_: str) -> None:
+            await router.aclose()
+
+        ctx.add_shutdown_callback(close_router)
+        await ctx.connect()
+        if hygiene.leave_if_second_agent():
+            return self
+        router.attach()
+        self.attach()
+        hygiene.watch()
         return self
 
     def register_with_job(self, ctx: JobContext) -> None:

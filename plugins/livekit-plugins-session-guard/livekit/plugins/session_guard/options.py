@@ -85,6 +85,14 @@ class SessionGuardOptions:
 
     notice_texts: dict[NoticeKind, str] = field(default_factory=lambda: dict(_DEFAULT_NOTICE_TEXTS))
 
+    # room hygiene (``SessionGuard.serve``; see hygiene.py)
+    no_show_timeout: float | None = 20.0
+    """No human joined this long after the agent did (and no session ever started): delete the room, end the job."""
+    delete_room_when_empty: bool = True
+    """The last human session finished its cleanup and no human is in the room: delete the room, end the job."""
+    leave_if_older_agent: bool = True
+    """An older agent of this agent name is in the room (a livekit-server restart): this job leaves."""
+
     def __post_init__(self) -> None:
         for name in (
             "reconnect_window",
@@ -99,7 +107,7 @@ class SessionGuardOptions:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_duration", "idle_timeout"):
+        for name in ("max_duration", "idle_timeout", "no_show_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None")

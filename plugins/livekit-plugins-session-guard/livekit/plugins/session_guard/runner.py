@@ -195,13 +195,16 @@ class Runner:
         s = self.session
         hooks = g._hooks
         if isinstance(job, StartJob):
+            s.fresh = True
             await self.start_hooks(job.connection)
         elif isinstance(job, ResumeJob) and len(s._start_done) < len(hooks.start):
             # the session never fully started (a start hook failed, or was cancelled when the first connection
             # dropped): this connection completes the start instead of resuming
             self.log(logging.INFO, "SESSION", "start was incomplete: running the remaining start hooks")
+            s.fresh = True
             await self.start_hooks(job.connection)
         elif isinstance(job, ResumeJob):
+            s.fresh = False
             for hook in list(hooks.resume):
                 await self.call(
                     f"resume hook {hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, job.connection

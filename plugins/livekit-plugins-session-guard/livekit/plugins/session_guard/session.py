@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +17,12 @@ from livekit import rtc
 
 from .core import ActivityNoted, EndReason, EndRequested, ErrorNoted, SessionRecord, SessionState, SuccessNoted
 from .hooks import NoticeHook
+from .resume import ResumeState
 from .scope import TaskScope
 
 if TYPE_CHECKING:
+    from livekit.agents import Agent, AgentSession, llm, room_io
+
     from .guard import SessionGuard
 
 __all__ = ["Connection", "GuardSession"]
@@ -72,6 +76,10 @@ class GuardSession:
         """State of the app and plugins for this session; cleared when the session ends."""
         self.tracks: dict[str, rtc.RemoteTrackPublication | None] = {}
         """Track publications of the current connection, by track SID."""
+        self.session_id = uuid.uuid4().hex
+        """Stable for the whole session (all its connections); the key of its saved ``ResumeState``."""
+        self.fresh = True
+        """True while this session's start runs (a new conversation); False while a connection resumes it."""
         self.started_at = time.time()
         self._started_mono = guard._now()
         self._start_hooks_invoked = False
@@ -116,6 +124,32 @@ class GuardSession:
     @property
     def duration(self) -> float:
         return self._guard._now() - self._started_mono
+
+    # -- the AgentSession of this connection
+
+    async def start(
+        self,
+        agent_session: AgentSession[Any],
+        agent: Agent,
+        *,
+        room_options: room_io.RoomOptions | None = None,
+        **start_kwargs: Any,
+    ) -> None:
+        """Start ``agent_session`` for this connection, as the guard needs it (``connect.start_agent_session``):
+        linked to this identity, not closed by RoomIO on disconnect, typed text through the room's chat router,
+        the history of the previous connection on a resume, and bound to the guard (activity, errors, notices;
+        history saved and the AgentSession closed when the connection stops)."""
+        from .connect import start_agent_session
+
+        await start_agent_session(self, agent_session, agent, room_options=room_options, **start_kwargs)
+
+    async def resume_state(self) -> ResumeState | None:
+        """What this session saved when its previous connection stopped (None on a fresh session)."""
+        state = await self._guard.resume_store.load(self.room_name, self.identity)
+        return state if state is not None and state.session_id == self.session_id else None
+
+    async def save_resume_state(self, history: llm.ChatContext) -> None:
+        await self._guard.resume_store.save(ResumeState.of(self.room_name, self.identity, self.session_id, history))
 
     # -- signals from the app (all no-ops once this generation is no longer current)
 
