@@ -59,8 +59,9 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
             # changes: a stateful agent must see each message exactly once.
             "preemptive_generation": {"enabled": False},
         },
-        # The session guard owns idleness; the framework's "away" state is only informational.
-        user_away_timeout=None,
+        # Silence is measured once, here: after this long with user and agent both listening the user state becomes
+        # "away", and the session guard's idle policy (warning, then end) starts from that event.
+        user_away_timeout=15.0,
         # On close the framework waits this long for a last STT transcript (default 2 s). A connection closes because
         # the user left, dropped or the session ended: no more speech is coming, and the wait sits on the resume path
         # (the old connection closes before the new one starts). Measured: hang-up cleanup 2.03 s -> 0.32 s (0.3 s)

@@ -13,6 +13,7 @@ from livekit import rtc
 from livekit.plugins.session_guard import core
 from livekit.plugins.session_guard.core import (
     ActivityNoted,
+    AwayNoted,
     BeginCleanup,
     CancelTimer,
     CleanupFinished,
@@ -111,8 +112,11 @@ def test_join_starts_active_session_with_limit_timers() -> None:
     assert isinstance(effects[0], StartSession)
     rec = m.state.sessions["alice"]
     assert rec.state is SessionState.ACTIVE and rec.sid == "S1" and rec.generation == 1
-    assert set(rec.timers) == {TimerKind.MAX_DURATION, TimerKind.IDLE}
-    assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 270.0  # warning 30 s before the 300 s idle end
+    # no silence timer of the core's own: idle starts when the AgentSession reports the user away
+    assert set(rec.timers) == {TimerKind.MAX_DURATION}
+    m.now = 40
+    m.send(AwayNoted("alice", None, m.now))
+    assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 310.0  # warning 30 s before the 300 s idle end
     assert m.totals.started == 1
 
 
@@ -227,13 +231,15 @@ def test_waiting_connection_that_leaves_never_starts() -> None:
     assert any(isinstance(e, LastHumanGone) for e in effects)
 
 
-def test_idle_warns_then_ends_and_activity_postpones() -> None:
+def test_idle_warns_then_ends_and_activity_stops_it() -> None:
     m = Machine()
     m.join("alice", "S1")
+    m.send(AwayNoted("alice", None, m.now))  # away at 0: warning due at 270
     m.now = 100
-    m.send(ActivityNoted("alice", None, m.now))
-    m.fire("alice", TimerKind.IDLE)  # at 270: user spoke at 100, re-arm for 370
-    assert not m.of(Notify)
+    m.send(ActivityNoted("alice", None, m.now))  # back: the idle timer is cancelled
+    assert ("alice", 1, TimerKind.IDLE) not in m.timers
+    m.send(AwayNoted("alice", None, m.now))  # away again at 100
+    m.send(AwayNoted("alice", None, 150))  # a repeated report does not restart the count
     assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 370.0
     m.fire("alice", TimerKind.IDLE)
     (warning,) = m.of(Notify)
@@ -468,8 +474,9 @@ def check_state(model: Model) -> None:
             assert TimerKind.RECONNECT in r.timers and TimerKind.IDLE not in r.timers and not r.tracks
         if r.state is SessionState.ACTIVE:
             assert TimerKind.RECONNECT not in r.timers
-            if m.config.idle_timeout is not None:
-                assert TimerKind.IDLE in r.timers
+        # the idle policy runs exactly while an ACTIVE user is reported away (one silence timer: the framework's)
+        idle_due = r.state is SessionState.ACTIVE and r.away_since is not None and m.config.idle_timeout is not None
+        assert (TimerKind.IDLE in r.timers) == idle_due, (r.state, r.away_since, dict(r.timers))
     for ident in st_.pending:
         assert ident in st_.sessions and st_.sessions[ident].state is SessionState.ENDING
     # the shell's timer table matches the core's armed timers exactly
@@ -498,7 +505,11 @@ action_st = st.one_of(
     st.tuples(st.just("track"), identity_st, st.booleans(), st.integers(0, 2), st.booleans()),
     st.tuples(st.just("fire"), st.integers(0, 20)),
     st.tuples(st.just("finish"), st.integers(0, 20), st.booleans()),
-    st.tuples(st.just("signal"), identity_st, st.sampled_from(["activity", "error", "fatal", "success", "end"])),
+    st.tuples(
+        st.just("signal"),
+        identity_st,
+        st.sampled_from(["activity", "away", "away", "error", "fatal", "success", "end"]),
+    ),
     st.tuples(st.just("stale_signal"), identity_st),
     st.tuples(st.just("resync")),
     st.tuples(st.just("wait"), st.floats(0, 400)),
@@ -560,6 +571,8 @@ def run_action(model: Model, action: tuple[Any, ...]) -> None:
         ev: Event
         if what == "activity":
             ev = ActivityNoted(ident, None, m.now)
+        elif what == "away":
+            ev = AwayNoted(ident, None, m.now)
         elif what in ("error", "fatal"):
             ev = ErrorNoted(ident, None, "llm_error", what == "fatal", m.now)
         elif what == "success":

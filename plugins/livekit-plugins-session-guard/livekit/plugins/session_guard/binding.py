@@ -3,12 +3,13 @@
 ``bind_agent_session(session, agent_session)`` (call it in a start/resume hook, after creating the
 AgentSession of this connection):
 
-- ``user_input_transcribed``, ``user_state_changed`` → speaking, and user ``conversation_item_added``
-  (typed text) → ``note_activity`` (idle timer);
-- ``error`` (unrecoverable by default) → ``note_error(kind)`` (consecutive-error breaker);
-- an assistant ``conversation_item_added`` with text → ``note_success`` (resets the breaker);
-- ``close`` with reason ERROR (the AgentSession gave up on its own) → a fatal error: the session ends
-  with the apology;
+- ``user_state_changed`` → "away" (the framework's ``user_away_timeout`` of silence) → ``note_away``: the
+  guard's idle policy starts; back from away, ``user_input_transcribed``, speaking, and user
+  ``conversation_item_added`` (typed text) → ``note_activity``: it stops;
+- ``close`` with reason ERROR → a fatal error: the AgentSession's own breaker (``max_unrecoverable_errors``)
+  tripped, so the session ends (``EndReason.ERRORS``). The guard keeps no second count of the same errors;
+  ``count_errors=True`` forwards unrecoverable ``error`` events to ``note_error`` for an app that also sets
+  ``max_consecutive_errors`` (an assistant reply with text → ``note_success`` resets it);
 - notices of this connection (idle warning, goodbyes) → ``agent_session.say(text)``, awaited to playout.
 
 The binding lives in the connection scope: when the connection stops (AWAY, takeover, end), its handlers
@@ -52,6 +53,7 @@ class AgentSessionBinding:
         session: GuardSession,
         agent_session: AgentSession[Any],
         *,
+        count_errors: bool,
         count_recoverable_errors: bool,
         end_on_error_close: bool,
         keep_history: bool,
@@ -59,6 +61,7 @@ class AgentSessionBinding:
     ) -> None:
         self.session = session
         self.agent_session = agent_session
+        self._count_errors = count_errors
         self._count_recoverable = count_recoverable_errors
         self._end_on_error_close = end_on_error_close
         self._keep_history = keep_history
@@ -81,7 +84,9 @@ class AgentSessionBinding:
         self.session.note_activity()
 
     def _on_user_state_changed(self, ev: UserStateChangedEvent) -> None:
-        if ev.new_state == "speaking":
+        if ev.new_state == "away":
+            self.session.note_away()
+        elif ev.new_state == "speaking" or ev.old_state == "away":
             self.session.note_activity()
 
     def _on_conversation_item_added(self, ev: ConversationItemAddedEvent) -> None:
@@ -95,7 +100,7 @@ class AgentSessionBinding:
 
     def _on_error(self, ev: ErrorEvent) -> None:
         err = ev.error
-        if getattr(err, "recoverable", False) and not self._count_recoverable:
+        if not self._count_errors or (getattr(err, "recoverable", False) and not self._count_recoverable):
             return
         kind = str(getattr(err, "type", None) or type(err).__name__)
         self.session.note_error(kind)
@@ -141,6 +146,7 @@ def bind_agent_session(
     session: GuardSession,
     agent_session: AgentSession[Any],
     *,
+    count_errors: bool = False,
     count_recoverable_errors: bool = False,
     end_on_error_close: bool = True,
     keep_history: bool = True,
@@ -150,6 +156,7 @@ def bind_agent_session(
     binding = AgentSessionBinding(
         session,
         agent_session,
+        count_errors=count_errors,
         count_recoverable_errors=count_recoverable_errors,
         end_on_error_close=end_on_error_close,
         keep_history=keep_history,

@@ -28,6 +28,7 @@ __all__ = [
     "TRANSITIONS",
     "Action",
     "ActivityNoted",
+    "AwayNoted",
     "BeginCleanup",
     "CancelTimer",
     "CleanupFinished",
@@ -128,7 +129,7 @@ class CoreConfig:
     idle_timeout: float | None = 300.0
     idle_warning_before: float = 30.0
     """Seconds before the idle end at which the warning notice is sent (0 disables the warning)."""
-    max_consecutive_errors: int | None = 5
+    max_consecutive_errors: int | None = None
     end_reasons: frozenset[int] = frozenset({CLIENT_INITIATED})
     """Disconnect reasons that end the session at once instead of opening the reconnect window."""
     human_kinds: frozenset[int] = frozenset({KIND_STANDARD, KIND_SIP, KIND_CONNECTOR})
@@ -146,6 +147,9 @@ class SessionRecord:
     connection: int
     """1 for the first connection of the session, +1 on each resume or takeover."""
     last_activity: float
+    away_since: float | None = None
+    """When the AgentSession reported the user away (``AwayNoted``), until the next activity: the idle policy runs
+    only then (the framework measures silence; the guard does not keep a second silence timer)."""
     idle_warned: bool = False
     errors: int = 0
     resumes: int = 0
@@ -229,6 +233,15 @@ class ActivityNoted:
 
 
 @dataclass(frozen=True)
+class AwayNoted:
+    """The AgentSession's user state became "away" (``user_away_timeout`` of silence with the agent listening)."""
+
+    identity: str
+    generation: int | None
+    now: float
+
+
+@dataclass(frozen=True)
 class ErrorNoted:
     identity: str
     generation: int | None
@@ -290,6 +303,7 @@ Event = (
     | TrackUnpublished
     | TimerFired
     | ActivityNoted
+    | AwayNoted
     | ErrorNoted
     | SuccessNoted
     | EndRequested
@@ -661,7 +675,6 @@ class _Tx:
         self.humans_seen = True
         self.effects.append(StartSession(identity, gen, sid, 1))
         rec = self.arm(rec, TimerKind.MAX_DURATION, self.max_duration.deadline(now))
-        rec = self.arm(rec, TimerKind.IDLE, self.idle.deadline(now, warned=False))
         self.sessions[identity] = rec
 
     def resume(self, rec: SessionRecord, sid: str, now: float, *, takeover: bool) -> None:
@@ -678,6 +691,7 @@ class _Tx:
             changed_at=now,
             connection=rec.connection + 1,
             last_activity=now,
+            away_since=None,
             idle_warned=False,
             errors=0,
             resumes=rec.resumes + 1,
@@ -689,14 +703,13 @@ class _Tx:
                 rec.identity, rec.generation, sid, rec.connection, previous_sid=previous_sid, takeover=takeover
             )
         )
-        rec = self.arm(rec, TimerKind.IDLE, self.idle.deadline(now, warned=False))
         self.sessions[rec.identity] = rec
 
     def go_away(self, rec: SessionRecord, reason: int | None, now: float) -> None:
         self.effects.append(StopConnection(rec.identity, rec.generation, rec.sid, rec.connection))
         rec = self.remove_tracks(rec)
         rec = self.disarm(rec, TimerKind.IDLE)
-        rec = replace(rec, state=SessionState.AWAY, changed_at=now, disconnect_reason=reason)
+        rec = replace(rec, state=SessionState.AWAY, changed_at=now, disconnect_reason=reason, away_since=None)
         self.effects.append(SessionAway(rec.identity, rec.generation, rec.sid, reason))
         rec = self.arm(rec, TimerKind.RECONNECT, now + self.config.reconnect_window)
         self.sessions[rec.identity] = rec
@@ -826,8 +839,8 @@ class _Tx:
             self.fire(
                 rec.identity, Trigger.LIMIT, ev.now, reason=EndReason.MAX_DURATION, notice=NoticeKind.MAX_DURATION_END
             )
-        elif rec.state is SessionState.ACTIVE and self.idle.enabled:
-            verdict, deadline = self.idle.on_timer(rec.last_activity, rec.idle_warned, ev.now)
+        elif rec.state is SessionState.ACTIVE and self.idle.enabled and rec.away_since is not None:
+            verdict, deadline = self.idle.on_timer(rec.away_since, rec.idle_warned, ev.now)
             if verdict is IdleVerdict.END:
                 self.fire(rec.identity, Trigger.LIMIT, ev.now, reason=EndReason.IDLE, notice=NoticeKind.IDLE_END)
                 return
@@ -845,7 +858,16 @@ class _Tx:
     def activity(self, ev: ActivityNoted) -> None:
         rec = self.current(ev.identity, ev.generation)
         if rec is not None and rec.state is SessionState.ACTIVE:
-            self.sessions[rec.identity] = replace(rec, last_activity=ev.now, idle_warned=False)
+            rec = self.disarm(rec, TimerKind.IDLE)
+            self.sessions[rec.identity] = replace(rec, last_activity=ev.now, away_since=None, idle_warned=False)
+
+    def away(self, ev: AwayNoted) -> None:
+        """The framework says the user is away: the idle policy starts counting (once per away spell)."""
+        rec = self.current(ev.identity, ev.generation)
+        if rec is None or rec.state is not SessionState.ACTIVE or rec.away_since is not None:
+            return
+        rec = replace(rec, away_since=ev.now, idle_warned=False)
+        self.sessions[rec.identity] = self.arm(rec, TimerKind.IDLE, self.idle.deadline(ev.now, warned=False))
 
     def error(self, ev: ErrorNoted) -> None:
         rec = self.current(ev.identity, ev.generation)
@@ -924,6 +946,8 @@ def step(state: CoreState, event: Event, config: CoreConfig) -> tuple[CoreState,
         tx.timer(event)
     elif isinstance(event, ActivityNoted):
         tx.activity(event)
+    elif isinstance(event, AwayNoted):
+        tx.away(event)
     elif isinstance(event, ErrorNoted):
         tx.error(event)
     elif isinstance(event, SuccessNoted):

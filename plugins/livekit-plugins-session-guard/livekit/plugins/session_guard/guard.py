@@ -24,6 +24,7 @@ from .chat import ChatRouter
 from .cleanup import close_guard
 from .core import (
     ActivityNoted,
+    AwayNoted,
     BeginCleanup,
     CancelTimer,
     CoreState,
@@ -242,6 +243,9 @@ class SessionGuard:
 
     def note_activity(self, identity: str) -> None:
         self._dispatch(ActivityNoted(identity, None, self._now()))
+
+    def note_away(self, identity: str) -> None:
+        self._dispatch(AwayNoted(identity, None, self._now()))
 
     def note_error(self, identity: str, kind: str, *, fatal: bool = False) -> None:
         self._dispatch(ErrorNoted(identity, None, kind, fatal, self._now()))

@@ -34,8 +34,9 @@ class IdleVerdict(enum.Enum):
 
 @dataclass(frozen=True)
 class IdlePolicy:
-    """Idle = no user activity for ``timeout`` seconds while ACTIVE (suspended while AWAY: the reconnect window
-    governs then); a warning goes out ``warning_before`` seconds before the end."""
+    """Idle = the user stayed away ``timeout`` seconds after the AgentSession reported them away (its own
+    ``user_away_timeout`` of silence), while ACTIVE (suspended while AWAY: the reconnect window governs then); a
+    warning goes out ``warning_before`` seconds before the end. ``since`` is when the away spell began."""
 
     timeout: float | None
     warning_before: float
@@ -75,7 +76,9 @@ class IdlePolicy:
 
 @dataclass(frozen=True)
 class ErrorBreaker:
-    """``limit`` consecutive errors (or one fatal error) end the session; a success resets the count."""
+    """One fatal error ends the session: the AgentSession closing itself with reason ERROR, i.e. the framework's own
+    breaker (``max_unrecoverable_errors``) tripped. ``limit`` (off by default) adds a count of errors the app
+    reports itself with ``note_error``; a success resets it."""
 
     limit: int | None
 

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from livekit import rtc
 
-from .core import ActivityNoted, EndReason, EndRequested, ErrorNoted, SessionRecord, SessionState, SuccessNoted
+from .core import (
+    ActivityNoted,
+    AwayNoted,
+    EndReason,
+    EndRequested,
+    ErrorNoted,
+    SessionRecord,
+    SessionState,
+    SuccessNoted,
+)
 from .hooks import NoticeHook
 from .resume import ResumeState
 from .scope import TaskScope
@@ -154,11 +163,15 @@ class GuardSession:
     # -- signals from the app (all no-ops once this generation is no longer current)
 
     def note_activity(self) -> None:
-        """The user said or typed something: resets the idle timer."""
+        """The user said or typed something (or is back from "away"): stops the idle policy."""
         self._guard._dispatch(ActivityNoted(self.identity, self.generation, self._guard._now()))
 
+    def note_away(self) -> None:
+        """The user went quiet (the AgentSession's user state "away"): the idle policy starts counting."""
+        self._guard._dispatch(AwayNoted(self.identity, self.generation, self._guard._now()))
+
     def note_error(self, kind: str, *, fatal: bool = False) -> None:
-        """An STT/LLM/TTS error: counts toward the consecutive-error breaker (``fatal`` trips it)."""
+        """``fatal``: end the session (reason ERRORS); otherwise counts toward ``max_consecutive_errors`` if set."""
         self._guard._dispatch(ErrorNoted(self.identity, self.generation, kind, fatal, self._guard._now()))
 
     def note_success(self) -> None:
