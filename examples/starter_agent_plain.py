@@ -25,6 +25,7 @@ server = AgentServer(
     # On a shared test box: report load as a share of 50 jobs, not machine CPU (livekit-server skips a worker whose
     # reported load is over its target_load, and CPU crosses it while the worker idles)
     load_fnc=(lambda s: len(s.active_jobs) / 50) if os.environ.get("STARTER_LOAD_BY_JOBS") else None,
+    drain_timeout=int(os.environ.get("STARTER_DRAIN_TIMEOUT", "1800")),  # the framework's default: 30 min
 )
 
 
