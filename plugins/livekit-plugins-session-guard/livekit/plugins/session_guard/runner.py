@@ -127,7 +127,10 @@ class Runner:
     def bound(self, deadline: float) -> None:
         """Shutdown: the cleanup (running or still to come) must be done by ``deadline`` (loop time)."""
         scope = self.cleanup_scope
-        if scope is not None and (scope.when() is None or scope.when() > deadline):  # type: ignore[operator]
+        if scope is None:
+            return  # not cleaning up yet: the cleanup opens its scope at the shutdown deadline
+        when = scope.when()
+        if when is None or when > deadline:
             scope.reschedule(deadline)
 
     # -- timers
