@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from perf.stack import wait_registered
 from tests.conftest import DESTROYED
 from tests.integration.conftest import ROOT, Stack, WorkerProc, free_port
 from tests.support.human import Human, RemoteHuman
@@ -86,7 +85,13 @@ def start_starter(stack: Stack, script: Path, name: str) -> WorkerProc:
             start_new_session=True,
         )
     w = WorkerProc(proc=proc, log=log, url="", log_offset=offset)
-    wait_registered(proc, w.log_text, 90, w.stop)
+    # a plain AgentServer has no /ready (SessionGuardServer's): its log says when it registered
+    deadline = time.monotonic() + 90
+    while "registered worker" not in w.log_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            w.stop()
+            raise RuntimeError(f"{script.name} did not register:\n{w.log_text()[-3000:]}")
+        time.sleep(0.2)
     return w
 
 

@@ -15,7 +15,8 @@ graceful shutdown. Adopt it in a few lines (``examples/starter_agent.py``)::
 
 Everything else is in submodules: ``scope`` (TaskScope), ``chat`` (ChatRouter), ``binding``, ``resume`` (the saved
 state a connection resumes from), ``observe`` (observers, the metrics sink protocol), ``options`` (disconnect
-reason sets), ``core`` (the pure state machine), ``metrics`` / ``endpoint`` / ``state_dir`` (worker side).
+reason sets), ``core`` (the pure state machine), ``server`` / ``metrics`` / ``state_dir`` (worker side) and
+``compat`` (the framework's private surface, isolated).
 """
 
 from __future__ import annotations
