@@ -8,7 +8,7 @@ Composition only; the behaviour lives in the plugins:
   graceful shutdown, `/sessions` on the worker's health port;
 - `livekit.plugins.letta`: the Letta agent as the LLM, one Letta conversation per voice session (kept on a resume,
   retired at the end, retried later if Letta is down), the job's memory block cache;
-- `sgapp`: settings, provider selection, Letta admin, one AgentSession per (re)connection.
+- `sgapp`: settings, provider selection, Letta admin, the voice AgentSession of one connection.
 
 Every setting is a field of `sgapp.config.Settings` (environment, then `.env`; `.env.example` lists them). The console
 shows INFO by default, in `dev` mode too (SG_LOG_LEVEL=DEBUG, or `--log-level debug` for one run, shows more).
@@ -23,9 +23,7 @@ import os
 import sys
 import tempfile
 
-from livekit import rtc
-from livekit.agents import JobContext, JobProcess, cli, llm
-from livekit.agents.types import ATTRIBUTE_AGENT_NAME
+from livekit.agents import JobContext, JobProcess, cli
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 from livekit.plugins.letta.guard import LettaSessions
@@ -39,7 +37,7 @@ from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
 from sgapp.metrics import USERDATA_KEY as METRICS_KEY
 from sgapp.metrics import JobMetrics
 from sgapp.providers import build_voice, describe, load_models
-from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
+from sgapp.voice import VoiceAgent, make_agent_session
 
 logger = logging.getLogger("session-guard")
 
@@ -142,31 +140,9 @@ async def room_agent_id(ctx: JobContext, letta: LettaSessions) -> str:
     return agent_id
 
 
-def humans_present(room: rtc.Room) -> bool:
-    return any(p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in room.remote_participants.values())
-
-
-def older_agent_of_this_name(room: rtc.Room) -> rtc.RemoteParticipant | None:
-    """Another agent of this agent name that joined the room before this job, if any.
-
-    After a livekit-server restart the room is created again by the first client to rejoin: the old job's rtc.Room
-    rejoins it, and the human's token dispatches a new job into it as well. Two agents would then answer every turn;
-    the older one (which resumed the sessions) stays and the newer one leaves.
-    """
-    me = room.local_participant
-    if me.joined_at is None:
-        return None
-    for p in room.remote_participants.values():
-        if p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT or p.identity == me.identity or p.joined_at is None:
-            continue
-        joined_first = (p.joined_at, p.identity) < (me.joined_at, me.identity)
-        if joined_first and p.attributes.get(ATTRIBUTE_AGENT_NAME) == SETTINGS.agent_name:
-            return p
-    return None
-
-
 @server.rtc_session(agent_name=SETTINGS.agent_name, on_session_end=sg.end_sessions_before_disconnect)
 async def entrypoint(ctx: JobContext) -> None:
+    """What this app adds to the guard: which Letta agent serves the room, and which voice providers."""
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
     metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
     letta = LettaSessions(client, letta_options(), metrics=metrics.letta)
@@ -184,103 +160,21 @@ async def entrypoint(ctx: JobContext) -> None:
         return
     voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
-    guard = sg.SessionGuard(
-        ctx.room, sg.SessionGuardOptions(reconnect_window=SETTINGS.reconnect_window), metrics=metrics.guard
+    options = sg.SessionGuardOptions(
+        reconnect_window=SETTINGS.reconnect_window, no_show_timeout=SETTINGS.no_show_timeout
     )
-    chat = sg.ChatRouter(ctx.room)
-
-    # Before the app's own hooks: the session's conversation exists when on_start asks for its LLM.
+    guard = sg.SessionGuard(ctx.room, options, metrics=metrics.guard)
+    # Before the connection hook: the session's conversation exists when it asks for its LLM.
     letta.install(guard, agent_id_for=lambda gs: agent_id)
 
-    async def start_connection_for(gs: sg.GuardSession, chat_ctx: llm.ChatContext | None, greeting: str | None) -> None:
-        """A new AgentSession for this connection; the bindings close it when the connection stops."""
+    async def connection(gs: sg.GuardSession) -> None:
         agent_session = make_agent_session(voice, letta.llm_for(gs))
-        sg.bind_agent_session(gs, agent_session)  # activity, the error breaker, notices
         letta.bind_agent_session(gs, agent_session)  # a spoken apology when Letta fails
-        await start_connection(agent_session, ctx.room, ConnectionSpec(gs.identity, greeting, chat_ctx))
-        chat.set_target(gs.identity, agent_session)
+        await gs.start(agent_session, VoiceAgent(), record=False)
+        if gs.fresh and SETTINGS.greeting:
+            agent_session.say(SETTINGS.greeting, allow_interruptions=True, add_to_chat_ctx=True)
 
-    @guard.on_session_start
-    async def on_start(gs: sg.GuardSession) -> None:
-        await start_connection_for(gs, None, SETTINGS.greeting)
-
-    @guard.on_session_resume
-    async def on_resume(gs: sg.GuardSession) -> None:
-        await start_connection_for(gs, sg.saved_chat_ctx(gs), None)
-
-    @guard.on_session_end
-    async def on_end(gs: sg.GuardSession, reason: sg.EndReason) -> None:
-        chat.forget(gs.identity)  # the Letta plugin's end hook (registered first, runs last) retires the conversation
-
-    @guard.on_last_human_gone
-    async def on_last_human_gone() -> None:
-        # Every session of the room has ended (hang-ups, expired reconnect windows): the room is done. Deleting it
-        # (not just leaving) means a client that rejoins the same room name gets a new room and a newly dispatched
-        # agent, never a room where no agent will answer. The token server makes a fresh room per connection anyway.
-        if humans_present(ctx.room):
-            # Someone joined while the last session was being cleaned up: the guard will start their session.
-            logger.info(
-                "[SHUTDOWN] last session ended but a human just joined %s: keeping the room",
-                ctx.room.name,
-                extra={"room": ctx.room.name},
-            )
-            return
-        logger.info(
-            "[SHUTDOWN] last human gone: deleting room %s and ending the job",
-            ctx.room.name,
-            extra={"room": ctx.room.name},
-        )
-        await ctx.delete_room()
-        ctx.shutdown(reason="last human gone")
-
-    guard.register_with_job(ctx)
-
-    async def close_chat(_: str) -> None:
-        await chat.aclose()
-
-    ctx.add_shutdown_callback(close_chat)
-    await ctx.connect()
-
-    def leave_if_second_agent(*_: object) -> bool:
-        older = older_agent_of_this_name(ctx.room)
-        if older is None:
-            return False
-        logger.warning(
-            "[SESSION] agent %s already serves room %s (it joined first): this job leaves",
-            older.identity,
-            ctx.room.name,
-            extra={"room": ctx.room.name},
-        )
-        ctx.shutdown(reason="another agent of this name serves the room")
-        return True
-
-    if leave_if_second_agent():
-        return
-    ctx.room.on("participant_connected", leave_if_second_agent)
-    ctx.room.on("reconnected", leave_if_second_agent)
-    chat.attach()
-    guard.attach()
-
-    def no_show() -> None:
-        # Dispatched to a room whose user left before we joined (Connect, then Disconnect at once): no session will
-        # ever start, so last-human-gone never fires; without this the job would wait for LiveKit's departure
-        # timeout (60 s) in an empty room.
-        if guard.snapshot()["totals"]["started"] == 0 and not humans_present(ctx.room):
-            logger.info(
-                "[SHUTDOWN] no human joined room %s within %.0f s: deleting it and ending the job",
-                ctx.room.name,
-                SETTINGS.no_show_timeout,
-                extra={"room": ctx.room.name},
-            )
-            ctx.delete_room()
-            ctx.shutdown(reason="no human joined")
-
-    no_show_timer = asyncio.get_running_loop().call_later(SETTINGS.no_show_timeout, no_show)
-
-    async def cancel_no_show() -> None:
-        no_show_timer.cancel()
-
-    ctx.add_shutdown_callback(cancel_no_show)
+    await guard.serve(ctx, connection)
     logger.info(
         "[SESSION] room %s ready: Letta agent %s; %s",
         ctx.room.name,

@@ -14,7 +14,8 @@ import os
 import time
 from collections.abc import Iterator
 
-from livekit.plugins.session_guard import GuardMetricsSink, GuardSession, SessionGuard
+from livekit.plugins.session_guard import GuardSession, SessionGuard
+from livekit.plugins.session_guard.observe import GuardMetricsSink
 
 from tests.unit.session_guard.fakes import HANGUP, SIGNAL_CLOSE, FakeRoom, fast_options
 

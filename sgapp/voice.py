@@ -1,29 +1,18 @@
-"""One voice connection: an `AgentSession` bound to one human, talking through the session's Letta conversation.
-
-LiveKit's AgentSession is not meant to be restarted (a restarted session never auto-closes again), so every
-(re)connection gets a new one; on resume the chat context of the previous connection is carried over, on a fresh
-session it starts empty. Letta keeps the real history in the session's conversation either way.
+"""One voice connection: the `AgentSession` of one human's connection, talking through the session's Letta
+conversation. The session guard starts it (`GuardSession.start`: one per (re)connection, the previous connection's
+history on a resume); Letta keeps the real history in the session's conversation either way.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-from livekit import rtc
-from livekit.agents import Agent, AgentSession, ConversationItemAddedEvent, llm, room_io
+from livekit.agents import Agent, AgentSession, ConversationItemAddedEvent, llm
 
 from .providers import Voice
 
 logger = logging.getLogger("sgapp.voice")
-
-
-@dataclass(frozen=True)
-class ConnectionSpec:
-    identity: str
-    greeting: str | None
-    chat_ctx: llm.ChatContext | None = None
 
 
 class VoiceAgent(Agent):
@@ -70,8 +59,9 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
             # changes: a stateful agent must see each message exactly once.
             "preemptive_generation": {"enabled": False},
         },
-        # The session guard owns idleness; the framework's "away" state is only informational.
-        user_away_timeout=None,
+        # Silence is measured once, here: after this long with user and agent both listening the user state becomes
+        # "away", and the session guard's idle policy (warning, then end) starts from that event.
+        user_away_timeout=15.0,
         # On close the framework waits this long for a last STT transcript (default 2 s). A connection closes because
         # the user left, dropped or the session ended: no more speech is coming, and the wait sits on the resume path
         # (the old connection closes before the new one starts). Measured: hang-up cleanup 2.03 s -> 0.32 s (0.3 s)
@@ -80,23 +70,3 @@ def make_agent_session(voice: Voice, letta_llm: llm.LLM[Any]) -> AgentSession[An
     )
     session.on("conversation_item_added", log_turn_metrics)
     return session
-
-
-async def start_connection(session: AgentSession[Any], room: rtc.Room, spec: ConnectionSpec) -> None:
-    await session.start(
-        VoiceAgent(chat_ctx=spec.chat_ctx),
-        room=room,
-        room_options=room_io.RoomOptions(
-            participant_identity=spec.identity,
-            # Typed text arrives through the job's ChatRouter (one owner of `lk.chat` per room), not RoomIO.
-            text_input=False,
-            text_output=True,
-            audio_input=True,
-            audio_output=True,
-            # The session guard decides when a session ends (hang-up vs network drop, reconnect window).
-            close_on_disconnect=False,
-        ),
-        record=False,
-    )
-    if spec.greeting:
-        session.say(spec.greeting, allow_interruptions=True, add_to_chat_ctx=True)

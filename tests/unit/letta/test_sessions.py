@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any, cast
+from unittest.mock import PropertyMock, patch
 
 import pytest
 from livekit import rtc
@@ -147,11 +148,12 @@ async def test_a_failed_turn_is_answered_with_a_spoken_apology_outside_the_histo
     assert agent_session.said == [(letta.options.apology, False)]
 
     # a failure that tripped the guard's error breaker: the guard says goodbye, no apology in front of it
-    gs.state = SessionState.ENDING
+    ending = patch.object(type(gs), "state", new=PropertyMock(return_value=SessionState.ENDING))
+    ending.start()
     agent_session.emit("error", ErrorEvent(error=failure, source=model))
     await asyncio.sleep(0)
     assert len(agent_session.said) == 1
-    gs.state = SessionState.ACTIVE
+    ending.stop()
 
     # the user starting to speak refreshes a stale cache in the background
     letta.backend.cache.invalidate(letta.conversation(gs).agent_id)

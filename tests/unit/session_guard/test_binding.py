@@ -21,9 +21,8 @@ from livekit.plugins.session_guard import (
     GuardSession,
     SessionGuard,
     SessionState,
-    bind_agent_session,
-    saved_chat_ctx,
 )
+from livekit.plugins.session_guard.binding import bind_agent_session, saved_chat_ctx
 
 from .fakes import HANGUP, SIGNAL_CLOSE, FakeRoom, HookLog, fast_options, settle, wait_for
 
@@ -76,14 +75,30 @@ async def started(guard: SessionGuard, room: FakeRoom, identity: str = "alice") 
     return session
 
 
-async def test_unrecoverable_errors_trip_the_breaker_and_the_apology_is_spoken() -> None:
+async def test_error_events_alone_never_end_the_session_by_default() -> None:
+    """One breaker: the AgentSession's own. Its error events are not counted a second time by the guard."""
+    room = FakeRoom()
+    guard = SessionGuard(room.as_room, fast_options(max_consecutive_errors=None))
+    log = HookLog(guard)
+    guard.attach()
+    session = await started(guard, room)
+    agent = FakeAgentSession()
+    bind_agent_session(session, agent.as_agent_session)
+    for _ in range(10):
+        agent.emit("error", llm_error())
+    await settle(guard)
+    assert session.state is SessionState.ACTIVE and not log.of("end")
+    await guard.aclose()
+
+
+async def test_opt_in_error_count_trips_and_the_apology_is_spoken() -> None:
     room = FakeRoom()
     guard = SessionGuard(room.as_room, fast_options(max_consecutive_errors=3))
     log = HookLog(guard)
     guard.attach()
     session = await started(guard, room)
     agent = FakeAgentSession()
-    bind_agent_session(session, agent.as_agent_session)
+    bind_agent_session(session, agent.as_agent_session, count_errors=True)
     for _ in range(5):
         agent.emit("error", llm_error(recoverable=True))  # retries: not counted by default
     agent.emit("error", llm_error())
@@ -118,7 +133,8 @@ async def test_agent_session_closing_on_error_ends_the_session() -> None:
     await guard.aclose()
 
 
-async def test_user_speech_and_text_count_as_activity() -> None:
+async def test_away_starts_the_idle_policy_and_speech_or_text_stops_it() -> None:
+    """The framework measures silence (user_away_timeout -> "away"); the guard only warns and ends after it."""
     room = FakeRoom()
     guard = SessionGuard(room.as_room, fast_options(idle_timeout=0.4, idle_warning_before=0.15))
     log = HookLog(guard)
@@ -126,15 +142,23 @@ async def test_user_speech_and_text_count_as_activity() -> None:
     session = await started(guard, room)
     agent = FakeAgentSession()
     bind_agent_session(session, agent.as_agent_session)
-    events: list[tuple[str, Any]] = [
+    away = ("user_state_changed", UserStateChangedEvent(old_state="listening", new_state="away"))
+    activity: list[tuple[str, Any]] = [
         ("user_input_transcribed", UserInputTranscribedEvent(transcript="hi", is_final=False)),
         ("user_state_changed", UserStateChangedEvent(old_state="listening", new_state="speaking")),
         ("conversation_item_added", reply("typed text", role="user")),
+        ("user_state_changed", UserStateChangedEvent(old_state="away", new_state="listening")),
     ]
-    for i in range(9):
-        await asyncio.sleep(0.04)
-        agent.emit(*events[i % 3])
-    assert not log.of("end") and not agent.said
+    await asyncio.sleep(0.6)
+    assert not agent.said, "no silence timer of the guard's own: nothing happens before the framework says away"
+    for ev in activity:
+        agent.emit(*away)
+        await wait_for(lambda: len(agent.said) == 1)  # the warning, 0.25 s into the away spell
+        agent.emit(*ev)  # the user is back: the idle policy stops
+        await asyncio.sleep(0.4)
+        assert not log.of("end") and len(agent.said) == 1, ev
+        agent.said.clear()
+    agent.emit(*away)
     await wait_for(lambda: bool(log.of("end")))
     assert log.of("end") == [("end", "alice", 1, EndReason.IDLE)]
     assert len(agent.said) == 2  # the warning, then the goodbye
@@ -155,12 +179,12 @@ async def test_connection_stop_saves_history_closes_agent_session_and_detaches()
     room.remove(p, SIGNAL_CLOSE)
     await settle(guard)
     assert agent.closed and not any(agent._events.values())
-    ctx = saved_chat_ctx(session)
+    ctx = await saved_chat_ctx(session)
     assert ctx is not None and ctx.items[0].text_content == "hello"  # type: ignore[union-attr]
     agent.emit("error", llm_error())  # a late event of the old AgentSession changes nothing
     room.add("alice")
     await settle(guard)
-    assert session.state is SessionState.ACTIVE and saved_chat_ctx(session) is not None
+    assert session.state is SessionState.ACTIVE and await saved_chat_ctx(session) is not None
     await guard.aclose()
 
 

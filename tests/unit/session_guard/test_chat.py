@@ -9,7 +9,7 @@ import pytest
 from livekit import rtc
 from livekit.agents import AgentSession
 from livekit.agents.voice.room_io import TextInputEvent
-from livekit.plugins.session_guard import TOPIC_CHAT, ChatRouter
+from livekit.plugins.session_guard.chat import TOPIC_CHAT, ChatRouter
 
 from .fakes import wait_for
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from livekit import rtc
 from livekit.plugins.session_guard import core
 from livekit.plugins.session_guard.core import (
     ActivityNoted,
+    AwayNoted,
     BeginCleanup,
     CancelTimer,
     CleanupFinished,
@@ -31,6 +34,7 @@ from livekit.plugins.session_guard.core import (
     ResumeSession,
     Resync,
     SessionAway,
+    SessionGone,
     SessionState,
     Shutdown,
     StartSession,
@@ -44,6 +48,7 @@ from livekit.plugins.session_guard.core import (
     TrackRemoved,
     TrackUnpublished,
 )
+from livekit.plugins.session_guard.totals import Totals, tally
 
 H = int(rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
 AGENT = int(rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
@@ -65,9 +70,11 @@ class Machine:
         self.timers: dict[tuple[str, int, TimerKind], tuple[int, float]] = {}
         self.cleanups: dict[tuple[str, int], BeginCleanup] = {}
         self.effects: list[Effect] = []
+        self.totals = Totals()
 
     def send(self, event: Event) -> list[Effect]:
         self.state, effects = core.step(self.state, event, self.config)
+        self.totals = tally(self.totals, effects)
         for e in effects:
             if isinstance(e, StartTimer):
                 self.timers[(e.identity, e.generation, e.kind)] = (e.token, e.deadline)
@@ -105,9 +112,12 @@ def test_join_starts_active_session_with_limit_timers() -> None:
     assert isinstance(effects[0], StartSession)
     rec = m.state.sessions["alice"]
     assert rec.state is SessionState.ACTIVE and rec.sid == "S1" and rec.generation == 1
-    assert set(rec.timers) == {TimerKind.MAX_DURATION, TimerKind.IDLE}
-    assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 270.0  # warning 30 s before the 300 s idle end
-    assert m.state.totals.started == 1
+    # no silence timer of the core's own: idle starts when the AgentSession reports the user away
+    assert set(rec.timers) == {TimerKind.MAX_DURATION}
+    m.now = 40
+    m.send(AwayNoted("alice", None, m.now))
+    assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 310.0  # warning 30 s before the 300 s idle end
+    assert m.totals.started == 1
 
 
 def test_hangup_ends_at_once_and_next_connection_is_fresh() -> None:
@@ -135,7 +145,7 @@ def test_drop_opens_window_and_return_resumes_same_generation() -> None:
     (resume,) = m.of(ResumeSession)
     assert resume.generation == 1 and resume.previous_sid == "S1" and not resume.takeover
     assert ("alice", 1, TimerKind.RECONNECT) not in m.timers
-    assert m.state.totals.resumed == 1 and m.state.totals.started == 1
+    assert m.totals.resumed == 1 and m.totals.started == 1
 
 
 def test_window_expiry_ends_session() -> None:
@@ -157,7 +167,7 @@ def test_refresh_new_sid_first_then_duplicate_identity_is_stale() -> None:
     (resume,) = m.of(ResumeSession)
     assert resume.takeover
     assert [s.connection for s in m.of(StopConnection)] == [1]
-    assert m.state.totals.stale_events_ignored == 1
+    assert m.totals.stale_events_ignored == 1
     assert not m.of(BeginCleanup)
 
 
@@ -176,7 +186,7 @@ def test_duplicate_disconnect_is_ignored() -> None:
     m.leave("alice", "S1", HANGUP)
     m.leave("alice", "S1", HANGUP)
     assert len(m.of(BeginCleanup)) == 1
-    assert m.state.totals.stale_events_ignored == 1
+    assert m.totals.stale_events_ignored == 1
 
 
 def test_late_connect_for_departed_sid_is_stale() -> None:
@@ -185,7 +195,7 @@ def test_late_connect_for_departed_sid_is_stale() -> None:
     m.leave("alice", "S1", DROP)
     m.join("alice", "S1")
     assert m.state.sessions["alice"].state is SessionState.AWAY
-    assert m.state.totals.stale_events_ignored == 1
+    assert m.totals.stale_events_ignored == 1
 
 
 def test_agents_and_egress_are_not_sessions() -> None:
@@ -221,13 +231,15 @@ def test_waiting_connection_that_leaves_never_starts() -> None:
     assert any(isinstance(e, LastHumanGone) for e in effects)
 
 
-def test_idle_warns_then_ends_and_activity_postpones() -> None:
+def test_idle_warns_then_ends_and_activity_stops_it() -> None:
     m = Machine()
     m.join("alice", "S1")
+    m.send(AwayNoted("alice", None, m.now))  # away at 0: warning due at 270
     m.now = 100
-    m.send(ActivityNoted("alice", None, m.now))
-    m.fire("alice", TimerKind.IDLE)  # at 270: user spoke at 100, re-arm for 370
-    assert not m.of(Notify)
+    m.send(ActivityNoted("alice", None, m.now))  # back: the idle timer is cancelled
+    assert ("alice", 1, TimerKind.IDLE) not in m.timers
+    m.send(AwayNoted("alice", None, m.now))  # away again at 100
+    m.send(AwayNoted("alice", None, 150))  # a repeated report does not restart the count
     assert m.timers[("alice", 1, TimerKind.IDLE)][1] == 370.0
     m.fire("alice", TimerKind.IDLE)
     (warning,) = m.of(Notify)
@@ -280,7 +292,7 @@ def test_tracks_recorded_for_current_sid_only() -> None:
     assert m.state.sessions["alice"].tracks == {"T1"}
     m.send(TrackUnpublished("alice", "S1", H, "T1", 0))
     assert [type(e) for e in m.effects if isinstance(e, TrackAdded | TrackRemoved)] == [TrackAdded, TrackRemoved]
-    assert m.state.totals.stale_events_ignored == 1
+    assert m.totals.stale_events_ignored == 1
 
 
 def test_resync_adopts_present_and_drops_missing() -> None:
@@ -290,9 +302,9 @@ def test_resync_adopts_present_and_drops_missing() -> None:
     assert m.state.sessions["alice"].tracks == {"T1"}
     assert m.state.sessions["gone"].state is SessionState.AWAY
     assert "bot" not in m.state.sessions
-    before = m.state.totals.stale_events_ignored
+    before = m.totals.stale_events_ignored
     m.send(Resync((Present("alice", "S1", H, ("T1",)),), 6))
-    assert m.state.totals.stale_events_ignored == before  # re-reading the room is not a stale event
+    assert m.totals.stale_events_ignored == before  # re-reading the room is not a stale event
 
 
 def test_last_human_gone_after_last_session_only() -> None:
@@ -318,16 +330,39 @@ def test_shutdown_ends_everything_and_refuses_new_sessions() -> None:
     m.finish("a")
     effects = m.finish("b")
     assert any(isinstance(e, LastHumanGone) for e in effects)
-    assert m.state.totals.started == m.state.totals.ended == m.state.totals.cleanups == 2
+    assert m.totals.started == m.totals.ended == m.totals.cleanups == 2
 
 
 def test_step_never_mutates_its_input() -> None:
     m = Machine()
     m.join("alice", "S1")
     before = m.state
-    snapshot = (dict(before.sessions), dict(before.pending), before.totals)
+    snapshot = (dict(before.sessions), dict(before.pending), before.departed, before.next_token)
     core.step(before, Left("alice", "S1", H, HANGUP, 1), CFG)
-    assert (dict(before.sessions), dict(before.pending), before.totals) == snapshot
+    assert (dict(before.sessions), dict(before.pending), before.departed, before.next_token) == snapshot
+
+
+README = Path(__file__).resolve().parents[3] / "plugins" / "livekit-plugins-session-guard" / "README.md"
+
+
+def test_readme_state_diagram_is_the_transition_table() -> None:
+    text = README.read_text()
+    block = re.search(r"```mermaid\n(stateDiagram-v2\n.*?)\n```", text, re.S)
+    assert block is not None, "the README lost its state diagram (```mermaid stateDiagram-v2 ...```)"
+    assert block.group(1) == core.render_state_diagram(), (
+        "README.md's state diagram differs from core.TRANSITIONS: paste core.render_state_diagram() into it"
+    )
+
+
+def test_a_pair_missing_from_the_table_changes_nothing() -> None:
+    m = Machine()
+    m.join("alice", "S1")
+    m.leave("alice", "S1", DROP)  # AWAY
+    before = m.state
+    # (AWAY, disconnect) is not in the table: a second disconnect of the same SID is stale
+    assert (SessionState.AWAY, core.Trigger.DISCONNECT_DROP) not in core.TRANSITIONS
+    m.leave("alice", "S1", DROP)
+    assert m.state.sessions == before.sessions
 
 
 # ------------------------------------------------------------------------------- property-based
@@ -349,6 +384,7 @@ class Model:
     seen_since_last_gone: bool = False
     last_human_gone: int = 0
     last_left: Left | None = None
+    gone_gens: set[int] = field(default_factory=set)
 
     def send(self, ev: Event) -> None:
         before = self.m.state
@@ -357,6 +393,7 @@ class Model:
         check_state(self)
 
     def check_effects(self, before: CoreState, ev: Event, effects: list[Effect]) -> None:
+        check_transitions_follow_the_table(before, self.m.state)
         for e in effects:
             if isinstance(e, Decision):
                 continue
@@ -370,6 +407,9 @@ class Model:
                 assert e.generation in self.started_gens
                 assert e.generation not in self.ended_gens, "cleanup begun twice"
                 self.ended_gens.add(e.generation)
+            elif isinstance(e, SessionGone):
+                assert e.generation in self.ended_gens and e.generation not in self.gone_gens, "gone twice"
+                self.gone_gens.add(e.generation)
             elif isinstance(e, LastHumanGone):
                 assert not self.m.state.sessions and not self.m.state.pending
                 assert self.seen_since_last_gone
@@ -395,10 +435,30 @@ class Model:
                 assert dict(self.m.state.sessions) == dict(before.sessions)
 
 
+def _reachable(source: SessionState | None, steps: int) -> set[SessionState | None]:
+    seen = {source}
+    for _ in range(steps):
+        seen |= {tr.target for (src, _t), tr in core.TRANSITIONS.items() if src in seen}
+    return seen
+
+
+def check_transitions_follow_the_table(before: CoreState, after: CoreState) -> None:
+    """Every change of a session's state in one step is a path through TRANSITIONS (at most two rows: a
+    cleanup that finishes and lets a waiting connection start fresh)."""
+    for ident in set(before.sessions) | set(after.sessions):
+        b, a = before.sessions.get(ident), after.sessions.get(ident)
+        sb, sa = (b.state if b else None), (a.state if a else None)
+        if b is not None and a is not None and a.generation != b.generation:
+            assert sb is SessionState.ENDING and sa is SessionState.ACTIVE  # forget, then start the waiting one
+            continue
+        if sb != sa:
+            assert sa in _reachable(sb, 1), (ident, sb, sa)
+
+
 def check_state(model: Model) -> None:
     m = model.m
     st_ = m.state
-    t = st_.totals
+    t = m.totals
     live = [r for r in st_.sessions.values() if r.state is not SessionState.ENDING]
     ending = [r for r in st_.sessions.values() if r.state is SessionState.ENDING]
     # at most one session per identity, keyed by identity, generations unique
@@ -414,8 +474,9 @@ def check_state(model: Model) -> None:
             assert TimerKind.RECONNECT in r.timers and TimerKind.IDLE not in r.timers and not r.tracks
         if r.state is SessionState.ACTIVE:
             assert TimerKind.RECONNECT not in r.timers
-            if m.config.idle_timeout is not None:
-                assert TimerKind.IDLE in r.timers
+        # the idle policy runs exactly while an ACTIVE user is reported away (one silence timer: the framework's)
+        idle_due = r.state is SessionState.ACTIVE and r.away_since is not None and m.config.idle_timeout is not None
+        assert (TimerKind.IDLE in r.timers) == idle_due, (r.state, r.away_since, dict(r.timers))
     for ident in st_.pending:
         assert ident in st_.sessions and st_.sessions[ident].state is SessionState.ENDING
     # the shell's timer table matches the core's armed timers exactly
@@ -444,7 +505,11 @@ action_st = st.one_of(
     st.tuples(st.just("track"), identity_st, st.booleans(), st.integers(0, 2), st.booleans()),
     st.tuples(st.just("fire"), st.integers(0, 20)),
     st.tuples(st.just("finish"), st.integers(0, 20), st.booleans()),
-    st.tuples(st.just("signal"), identity_st, st.sampled_from(["activity", "error", "fatal", "success", "end"])),
+    st.tuples(
+        st.just("signal"),
+        identity_st,
+        st.sampled_from(["activity", "away", "away", "error", "fatal", "success", "end"]),
+    ),
     st.tuples(st.just("stale_signal"), identity_st),
     st.tuples(st.just("resync")),
     st.tuples(st.just("wait"), st.floats(0, 400)),
@@ -506,6 +571,8 @@ def run_action(model: Model, action: tuple[Any, ...]) -> None:
         ev: Event
         if what == "activity":
             ev = ActivityNoted(ident, None, m.now)
+        elif what == "away":
+            ev = AwayNoted(ident, None, m.now)
         elif what in ("error", "fatal"):
             ev = ErrorNoted(ident, None, "llm_error", what == "fatal", m.now)
         elif what == "success":
@@ -537,7 +604,7 @@ def drain(model: Model) -> None:
         ident, gen = sorted(m.cleanups)[0]
         del m.cleanups[(ident, gen)]
         model.send(CleanupFinished(ident, gen, 0, 0, m.now))
-    t = m.state.totals
+    t = m.totals
     assert not m.state.sessions and not m.state.pending
     assert t.started == t.ended == t.cleanups == len(model.started_gens)
     assert not model.seen_since_last_gone, "the last human left but LastHumanGone was not emitted"

@@ -13,11 +13,11 @@ from livekit.plugins.session_guard import (
     GuardSession,
     Notice,
     NoticeKind,
-    ScopeClosedError,
     SessionGuard,
     SessionState,
     end_sessions_before_disconnect,
 )
+from livekit.plugins.session_guard.scope import ScopeClosedError
 
 from .fakes import (
     AGENT,
@@ -403,6 +403,8 @@ async def test_idle_timeout_warns_then_ends() -> None:
     log = HookLog(guard)
     guard.attach()
     room.add("alice")
+    await settle(guard)
+    guard.note_away("alice")  # what the AgentSession binding does on user_state "away"
     await wait_for(lambda: bool(log.of("end")), what="the idle end")
     assert log.of("notice") == [("notice", "alice", NoticeKind.IDLE_WARNING), ("notice", "alice", NoticeKind.IDLE_END)]
     assert log.of("end") == [("end", "alice", 1, EndReason.IDLE)]
@@ -418,11 +420,14 @@ async def test_activity_keeps_idle_session_alive() -> None:
     await settle(guard)
     session = guard.get("alice")
     assert session is not None
+    await asyncio.sleep(0.8)
+    assert not log.of("end") and not log.of("notice"), "no idle countdown before the user is reported away"
     for _ in range(12):
+        session.note_away()
         await asyncio.sleep(0.05)
         session.note_activity()
     assert not log.of("end") and not log.of("notice")
-    guard.note_activity("alice")
+    guard.note_away("alice")
     await wait_for(lambda: bool(log.of("end")), what="the idle end")
     assert log.of("end") == [("end", "alice", 1, EndReason.IDLE)]
     await guard.aclose()

@@ -185,7 +185,7 @@ class Scenario:
                 assert {k: v[0] for k, v in runner.timers.items()} == dict(rec.timers)
         for key, n in self.end_calls.items():
             assert n <= 1, f"end hooks ran {n} times for {key}"
-        t = core.totals
+        t = g._totals
         ending = sum(1 for r in core.sessions.values() if r.state.value == "ending")
         assert t.started == t.ended + (len(core.sessions) - ending)
         assert t.ended == t.cleanups + ending
@@ -198,7 +198,7 @@ class Scenario:
         g = self.guard
         await g.aclose()
         self.check()
-        t = g._state.totals
+        t = g._totals
         assert g.sessions() == [] and not g._state.sessions
         assert t.started == t.ended == t.cleanups
         for key, s in self.seen.items():

@@ -7,7 +7,7 @@ import logging
 import time
 
 import pytest
-from livekit.plugins.session_guard import LeakKeeper, ScopeClosedError, TaskScope
+from livekit.plugins.session_guard.scope import LeakKeeper, ScopeClosedError, TaskScope
 
 
 async def forever() -> None:

@@ -1,68 +1,46 @@
 """Reconnect-safe per-participant sessions for LiveKit Agents.
 
-One owner for every task of a session, exactly-once cleanup, a reconnect window, limits (max duration,
-idle, consecutive errors), graceful shutdown and a cross-process ``/sessions`` endpoint.
+One owner for every task of a session, exactly-once cleanup, a reconnect window, limits, room hygiene and a
+graceful shutdown. Adopt it in a few lines (``examples/starter_agent.py``)::
+
+    @server.rtc_session(on_session_end=session_guard.end_sessions_before_disconnect)
+    async def entrypoint(ctx: JobContext) -> None:
+        async def connection(session: session_guard.GuardSession) -> None:
+            agent_session = AgentSession(stt=..., llm=..., tts=..., vad=...)
+            await session.start(agent_session, Assistant())
+            if session.fresh:
+                await agent_session.generate_reply(instructions="Greet the user.")
+
+        await session_guard.SessionGuard(ctx.room).serve(ctx, connection)
+
+Everything else is in submodules: ``scope`` (TaskScope), ``chat`` (ChatRouter), ``binding``, ``resume`` (the saved
+state a connection resumes from), ``observe`` (observers, the metrics sink protocol), ``options`` (disconnect
+reason sets), ``core`` (the pure state machine), ``server`` / ``metrics`` / ``state_dir`` (worker side) and
+``compat`` (the framework's private surface, isolated).
 """
 
 from __future__ import annotations
 
 from livekit.agents import Plugin
 
-from .binding import CHAT_CTX_KEY, AgentSessionBinding, bind_agent_session, saved_chat_ctx
-from .chat import TOPIC_CHAT, ChatRouter, TextDelivery
 from .core import EndReason, NoticeKind, SessionState
-from .guard import (
-    Connection,
-    EndHook,
-    GuardMetricsSink,
-    GuardSession,
-    Notice,
-    NoticeHook,
-    RoomHook,
-    SessionGuard,
-    SessionHook,
-    end_sessions_before_disconnect,
-)
+from .guard import SessionGuard, end_sessions_before_disconnect
+from .hooks import Notice
 from .log import logger
-from .options import (
-    DEFAULT_END_REASONS,
-    DEFAULT_HUMAN_KINDS,
-    FINAL_DISCONNECT_REASONS,
-    SessionGuardOptions,
-)
-from .scope import LeakKeeper, ScopeClosedError, ScopeResult, TaskScope
+from .options import SessionGuardOptions
+from .session import GuardSession
 from .version import __version__
 
 __all__ = [
-    "CHAT_CTX_KEY",
-    "DEFAULT_END_REASONS",
-    "DEFAULT_HUMAN_KINDS",
-    "FINAL_DISCONNECT_REASONS",
-    "TOPIC_CHAT",
-    "AgentSessionBinding",
-    "ChatRouter",
-    "Connection",
-    "EndHook",
     "EndReason",
-    "GuardMetricsSink",
     "GuardSession",
-    "LeakKeeper",
     "Notice",
-    "NoticeHook",
     "NoticeKind",
-    "RoomHook",
-    "ScopeClosedError",
-    "ScopeResult",
     "SessionGuard",
     "SessionGuardOptions",
-    "SessionHook",
     "SessionState",
-    "TaskScope",
-    "TextDelivery",
     "__version__",
-    "bind_agent_session",
     "end_sessions_before_disconnect",
-    "saved_chat_ctx",
 ]
 
 

@@ -3,17 +3,18 @@
 ``bind_agent_session(session, agent_session)`` (call it in a start/resume hook, after creating the
 AgentSession of this connection):
 
-- ``user_input_transcribed``, ``user_state_changed`` → speaking, and user ``conversation_item_added``
-  (typed text) → ``note_activity`` (idle timer);
-- ``error`` (unrecoverable by default) → ``note_error(kind)`` (consecutive-error breaker);
-- an assistant ``conversation_item_added`` with text → ``note_success`` (resets the breaker);
-- ``close`` with reason ERROR (the AgentSession gave up on its own) → a fatal error: the session ends
-  with the apology;
+- ``user_state_changed`` → "away" (the framework's ``user_away_timeout`` of silence) → ``note_away``: the
+  guard's idle policy starts; back from away, ``user_input_transcribed``, speaking, and user
+  ``conversation_item_added`` (typed text) → ``note_activity``: it stops;
+- ``close`` with reason ERROR → a fatal error: the AgentSession's own breaker (``max_unrecoverable_errors``)
+  tripped, so the session ends (``EndReason.ERRORS``). The guard keeps no second count of the same errors;
+  ``count_errors=True`` forwards unrecoverable ``error`` events to ``note_error`` for an app that also sets
+  ``max_consecutive_errors`` (an assistant reply with text → ``note_success`` resets it);
 - notices of this connection (idle warning, goodbyes) → ``agent_session.say(text)``, awaited to playout.
 
 The binding lives in the connection scope: when the connection stops (AWAY, takeover, end), its handlers
-are removed, the chat history is saved for a resume (:func:`saved_chat_ctx`) and the AgentSession is
-closed (``aclose``), within the scope's bound.
+are removed, the chat history is saved for a resume (a ``ResumeState`` in the guard's resume store:
+:func:`saved_chat_ctx`) and the AgentSession is closed (``aclose``), within the scope's bound.
 """
 
 from __future__ import annotations
@@ -33,19 +34,17 @@ from livekit.agents.voice.events import (
     UserStateChangedEvent,
 )
 
-from .guard import GuardSession, Notice
+from .hooks import Notice
 from .log import logger
+from .session import GuardSession
 
-__all__ = ["CHAT_CTX_KEY", "AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
-
-CHAT_CTX_KEY = "livekit.plugins.session_guard.chat_ctx"
-"""``session.userdata`` key of the chat history saved when a connection stops."""
+__all__ = ["AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
 
 
-def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
-    """The chat history of the previous connection of this session (for a resume), if any."""
-    ctx = session.userdata.get(CHAT_CTX_KEY)
-    return ctx if isinstance(ctx, llm.ChatContext) else None
+async def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
+    """The chat history saved when this session's previous connection stopped (for a resume), if any."""
+    state = await session.resume_state()
+    return state.chat_ctx() if state is not None else None
 
 
 class AgentSessionBinding:
@@ -54,6 +53,7 @@ class AgentSessionBinding:
         session: GuardSession,
         agent_session: AgentSession[Any],
         *,
+        count_errors: bool,
         count_recoverable_errors: bool,
         end_on_error_close: bool,
         keep_history: bool,
@@ -61,6 +61,7 @@ class AgentSessionBinding:
     ) -> None:
         self.session = session
         self.agent_session = agent_session
+        self._count_errors = count_errors
         self._count_recoverable = count_recoverable_errors
         self._end_on_error_close = end_on_error_close
         self._keep_history = keep_history
@@ -83,7 +84,9 @@ class AgentSessionBinding:
         self.session.note_activity()
 
     def _on_user_state_changed(self, ev: UserStateChangedEvent) -> None:
-        if ev.new_state == "speaking":
+        if ev.new_state == "away":
+            self.session.note_away()
+        elif ev.new_state == "speaking" or ev.old_state == "away":
             self.session.note_activity()
 
     def _on_conversation_item_added(self, ev: ConversationItemAddedEvent) -> None:
@@ -97,7 +100,7 @@ class AgentSessionBinding:
 
     def _on_error(self, ev: ErrorEvent) -> None:
         err = ev.error
-        if getattr(err, "recoverable", False) and not self._count_recoverable:
+        if not self._count_errors or (getattr(err, "recoverable", False) and not self._count_recoverable):
             return
         kind = str(getattr(err, "type", None) or type(err).__name__)
         self.session.note_error(kind)
@@ -132,7 +135,7 @@ class AgentSessionBinding:
             self.detach()
             if self._keep_history:
                 try:
-                    self.session.userdata[CHAT_CTX_KEY] = self.agent_session.history.copy()
+                    await self.session.save_resume_state(self.agent_session.history)
                 except Exception as e:
                     logger.warning("[SESSION] could not save the chat history: %r", e)
             if self._close_on_stop:
@@ -143,6 +146,7 @@ def bind_agent_session(
     session: GuardSession,
     agent_session: AgentSession[Any],
     *,
+    count_errors: bool = False,
     count_recoverable_errors: bool = False,
     end_on_error_close: bool = True,
     keep_history: bool = True,
@@ -152,6 +156,7 @@ def bind_agent_session(
     binding = AgentSessionBinding(
         session,
         agent_session,
+        count_errors=count_errors,
         count_recoverable_errors=count_recoverable_errors,
         end_on_error_close=end_on_error_close,
         keep_history=keep_history,

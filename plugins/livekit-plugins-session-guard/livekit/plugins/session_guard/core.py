@@ -5,6 +5,12 @@ leave as :class:`StartTimer` / :class:`CancelTimer` effects and come back as :cl
 and the work of ending a session leaves as one :class:`BeginCleanup` effect whose completion comes back
 as :class:`CleanupFinished`. :func:`step` never mutates the state it is given.
 
+The life of one identity's session is the table :data:`TRANSITIONS` (state, trigger) -> (state, action):
+``step`` only classifies an event into a trigger and looks it up; the README's diagram is rendered from the
+table. The limits (max duration, idle, the error breaker) are small policies (``policies.py``). Counting and
+log wording are the shell's business: the core emits effects and :class:`Decision` records, the observers
+(``observe.py``) count and word them.
+
 Participant kinds and disconnect reasons are plain ints (the values of ``rtc.ParticipantKind`` and
 ``rtc.DisconnectReason``), so this module can be property-tested by the thousand without a room.
 """
@@ -16,8 +22,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from .policies import ErrorBreaker, IdlePolicy, IdleVerdict, MaxDurationPolicy
+
 __all__ = [
+    "TRANSITIONS",
+    "Action",
     "ActivityNoted",
+    "AwayNoted",
     "BeginCleanup",
     "CancelTimer",
     "CleanupFinished",
@@ -38,6 +49,7 @@ __all__ = [
     "ResumeSession",
     "Resync",
     "SessionAway",
+    "SessionGone",
     "SessionRecord",
     "SessionState",
     "Shutdown",
@@ -45,15 +57,17 @@ __all__ = [
     "StartTimer",
     "StopConnection",
     "SuccessNoted",
-    "TasksLeaked",
     "TimerFired",
     "TimerKind",
-    "Totals",
     "TrackAdded",
     "TrackPublished",
     "TrackRemoved",
     "TrackUnpublished",
+    "Transition",
+    "Trigger",
     "initial_state",
+    "live_sessions",
+    "render_state_diagram",
     "step",
 ]
 
@@ -115,32 +129,10 @@ class CoreConfig:
     idle_timeout: float | None = 300.0
     idle_warning_before: float = 30.0
     """Seconds before the idle end at which the warning notice is sent (0 disables the warning)."""
-    max_consecutive_errors: int | None = 5
+    max_consecutive_errors: int | None = None
     end_reasons: frozenset[int] = frozenset({CLIENT_INITIATED})
     """Disconnect reasons that end the session at once instead of opening the reconnect window."""
     human_kinds: frozenset[int] = frozenset({KIND_STANDARD, KIND_SIP, KIND_CONNECTOR})
-
-
-@dataclass(frozen=True)
-class Totals:
-    started: int = 0
-    resumed: int = 0
-    ended: int = 0
-    cleanups: int = 0
-    stale_events_ignored: int = 0
-    cleanup_errors: int = 0
-    tasks_leaked: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "started": self.started,
-            "resumed": self.resumed,
-            "ended": self.ended,
-            "cleanups": self.cleanups,
-            "stale_events_ignored": self.stale_events_ignored,
-            "cleanup_errors": self.cleanup_errors,
-            "tasks_leaked": self.tasks_leaked,
-        }
 
 
 @dataclass(frozen=True)
@@ -155,6 +147,9 @@ class SessionRecord:
     connection: int
     """1 for the first connection of the session, +1 on each resume or takeover."""
     last_activity: float
+    away_since: float | None = None
+    """When the AgentSession reported the user away (``AwayNoted``), until the next activity: the idle policy runs
+    only then (the framework measures silence; the guard does not keep a second silence timer)."""
     idle_warned: bool = False
     errors: int = 0
     resumes: int = 0
@@ -177,7 +172,6 @@ class CoreState:
     closed: bool = False
     humans_seen: bool = False
     """A human session existed since the last LastHumanGone."""
-    totals: Totals = Totals()
 
 
 def initial_state() -> CoreState:
@@ -239,6 +233,15 @@ class ActivityNoted:
 
 
 @dataclass(frozen=True)
+class AwayNoted:
+    """The AgentSession's user state became "away" (``user_away_timeout`` of silence with the agent listening)."""
+
+    identity: str
+    generation: int | None
+    now: float
+
+
+@dataclass(frozen=True)
 class ErrorNoted:
     identity: str
     generation: int | None
@@ -272,14 +275,6 @@ class CleanupFinished:
 
 
 @dataclass(frozen=True)
-class TasksLeaked:
-    """Tasks that outlived their bound outside of a session cleanup (e.g. a last-human hook)."""
-
-    count: int
-    now: float
-
-
-@dataclass(frozen=True)
 class Present:
     identity: str
     sid: str
@@ -308,11 +303,11 @@ Event = (
     | TrackUnpublished
     | TimerFired
     | ActivityNoted
+    | AwayNoted
     | ErrorNoted
     | SuccessNoted
     | EndRequested
     | CleanupFinished
-    | TasksLeaked
     | Resync
     | Shutdown
 )
@@ -407,6 +402,17 @@ class TrackRemoved:
 
 
 @dataclass(frozen=True)
+class SessionGone:
+    """A session's cleanup finished and its record is gone (``errors`` / ``leaked``: what the cleanup reported)."""
+
+    identity: str
+    generation: int
+    reason: EndReason | None
+    errors: int
+    leaked: int
+
+
+@dataclass(frozen=True)
 class LastHumanGone:
     pass
 
@@ -440,9 +446,90 @@ Effect = (
     | CancelTimer
     | TrackAdded
     | TrackRemoved
+    | SessionGone
     | LastHumanGone
     | Decision
 )
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+
+class Trigger(enum.StrEnum):
+    """What happened to a session, once an event has been classified against its record."""
+
+    CONNECT = "connect"
+    """A SID of this identity that the core has not seen before."""
+    CONNECT_SAME_SID = "connect_same_sid"
+    """A connect for the SID the session already has."""
+    DISCONNECT_FINAL = "disconnect_final"
+    """The current connection left with a reason in ``end_reasons`` (or with no reconnect window)."""
+    DISCONNECT_DROP = "disconnect_drop"
+    """The current connection left with any other reason."""
+    WINDOW_EXPIRED = "window_expired"
+    LIMIT = "limit"
+    """A policy ended it: max duration, idle, the error breaker."""
+    END = "end"
+    """The app asked, or the guard shuts down."""
+    CLEANUP_DONE = "cleanup_done"
+
+
+class Action(enum.StrEnum):
+    START = "start"
+    TAKEOVER = "takeover"
+    """A new SID while the old one is still connected (refresh, second tab): stop the old, resume."""
+    RESUME = "resume"
+    DEFER = "defer"
+    """The previous session is still cleaning up: the connection waits, then starts fresh."""
+    IGNORE = "ignore"
+    GO_AWAY = "go_away"
+    END = "end"
+    FORGET = "forget"
+
+
+@dataclass(frozen=True)
+class Transition:
+    target: SessionState | None
+    action: Action
+
+
+_A, _W, _E = SessionState.ACTIVE, SessionState.AWAY, SessionState.ENDING
+
+TRANSITIONS: Mapping[tuple[SessionState | None, Trigger], Transition] = MappingProxyType(
+    {
+        (None, Trigger.CONNECT): Transition(_A, Action.START),
+        (_A, Trigger.CONNECT): Transition(_A, Action.TAKEOVER),
+        (_A, Trigger.CONNECT_SAME_SID): Transition(_A, Action.IGNORE),
+        (_A, Trigger.DISCONNECT_FINAL): Transition(_E, Action.END),
+        (_A, Trigger.DISCONNECT_DROP): Transition(_W, Action.GO_AWAY),
+        (_A, Trigger.LIMIT): Transition(_E, Action.END),
+        (_A, Trigger.END): Transition(_E, Action.END),
+        (_W, Trigger.CONNECT): Transition(_A, Action.RESUME),
+        (_W, Trigger.CONNECT_SAME_SID): Transition(_W, Action.IGNORE),
+        (_W, Trigger.WINDOW_EXPIRED): Transition(_E, Action.END),
+        (_W, Trigger.LIMIT): Transition(_E, Action.END),
+        (_W, Trigger.END): Transition(_E, Action.END),
+        (_E, Trigger.CONNECT): Transition(_E, Action.DEFER),
+        (_E, Trigger.CONNECT_SAME_SID): Transition(_E, Action.DEFER),
+        (_E, Trigger.CLEANUP_DONE): Transition(None, Action.FORGET),
+    }
+)
+"""Every transition of one identity's session: (state, trigger) -> (new state, what the core does). ``None`` is
+"no session". A pair that is not here changes nothing: the event is stale (a disconnect of an old SID, a timer
+of a session that moved on). Data, not code: the README's diagram is rendered from it (render_state_diagram) and
+a test keeps the two equal."""
+
+
+def render_state_diagram() -> str:
+    """The table as a Mermaid state diagram (what the plugin README shows)."""
+    lines = ["stateDiagram-v2"]
+    for (source, trigger), tr in TRANSITIONS.items():
+        if tr.action is Action.IGNORE:
+            continue
+        src = "[*]" if source is None else source.value.upper()
+        dst = "[*]" if tr.target is None else tr.target.value.upper()
+        lines.append(f"    {src} --> {dst}: {trigger.value} / {tr.action.value}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -453,6 +540,9 @@ class _Tx:
 
     def __init__(self, state: CoreState, config: CoreConfig) -> None:
         self.config = config
+        self.max_duration = MaxDurationPolicy(config.max_duration)
+        self.idle = IdlePolicy(config.idle_timeout, config.idle_warning_before)
+        self.breaker = ErrorBreaker(config.max_consecutive_errors)
         self.sessions = dict(state.sessions)
         self.pending = dict(state.pending)
         self.departed = state.departed
@@ -460,7 +550,6 @@ class _Tx:
         self.next_token = state.next_token
         self.closed = state.closed
         self.humans_seen = state.humans_seen
-        self.totals = state.totals
         self.effects: list[Effect] = []
 
     def freeze(self) -> CoreState:
@@ -472,14 +561,46 @@ class _Tx:
             next_token=self.next_token,
             closed=self.closed,
             humans_seen=self.humans_seen,
-            totals=self.totals,
         )
 
-    # -- helpers
+    # -- the table
 
-    def count(self, **deltas: int) -> None:
-        cur = self.totals
-        self.totals = replace(cur, **{k: getattr(cur, k) + v for k, v in deltas.items()})
+    def fire(
+        self,
+        identity: str,
+        trigger: Trigger,
+        now: float,
+        *,
+        sid: str = "",
+        reason: EndReason | None = None,
+        notice: NoticeKind | None = None,
+        disconnect_reason: int | None = None,
+    ) -> Transition | None:
+        """Look ``trigger`` up for ``identity``'s session and carry the transition out; None if stale."""
+        rec = self.sessions.get(identity)
+        tr = TRANSITIONS.get((rec.state if rec is not None else None, trigger))
+        if tr is None:
+            return None
+        if tr.action is Action.START:
+            self.start(identity, sid, now)
+        elif rec is None or tr.action is Action.IGNORE:
+            pass
+        elif tr.action is Action.TAKEOVER:
+            self.resume(rec, sid, now, takeover=True)
+        elif tr.action is Action.RESUME:
+            self.resume(rec, sid, now, takeover=False)
+        elif tr.action is Action.DEFER:
+            self.pending[identity] = sid
+        elif tr.action is Action.GO_AWAY:
+            self.go_away(rec, disconnect_reason, now)
+        elif tr.action is Action.END:
+            assert reason is not None
+            self.end(rec, reason, now, notice=notice, disconnect_reason=disconnect_reason)
+        elif tr.action is Action.FORGET:
+            del self.sessions[identity]
+        return tr
+
+    # -- helpers
 
     def decide(
         self,
@@ -503,8 +624,6 @@ class _Tx:
                 stale=stale,
             )
         )
-        if stale:
-            self.count(stale_events_ignored=1)
 
     def depart(self, sid: str) -> None:
         if sid in self.departed:
@@ -514,7 +633,9 @@ class _Tx:
             departed = departed[-_DEPARTED_MEMORY:]
         self.departed = departed
 
-    def arm(self, rec: SessionRecord, kind: TimerKind, deadline: float) -> SessionRecord:
+    def arm(self, rec: SessionRecord, kind: TimerKind, deadline: float | None) -> SessionRecord:
+        if deadline is None:
+            return rec
         token = self.next_token
         self.next_token += 1
         timers = dict(rec.timers)
@@ -531,27 +652,12 @@ class _Tx:
         self.effects.append(CancelTimer(rec.identity, rec.generation, kind, token))
         return replace(rec, timers=MappingProxyType(timers))
 
-    def idle_deadline(self, rec: SessionRecord, now: float) -> float | None:
-        cfg = self.config
-        if cfg.idle_timeout is None:
-            return None
-        end_at = rec.last_activity + cfg.idle_timeout
-        if self.warning_enabled() and not rec.idle_warned:
-            return rec.last_activity + cfg.idle_timeout - cfg.idle_warning_before
-        return end_at
-
-    def warning_enabled(self) -> bool:
-        cfg = self.config
-        return (
-            cfg.idle_timeout is not None and cfg.idle_warning_before > 0 and cfg.idle_warning_before < cfg.idle_timeout
-        )
-
     def remove_tracks(self, rec: SessionRecord) -> SessionRecord:
         for track_sid in sorted(rec.tracks):
             self.effects.append(TrackRemoved(rec.identity, rec.generation, rec.sid, track_sid))
         return replace(rec, tracks=frozenset())
 
-    # -- transitions
+    # -- actions
 
     def start(self, identity: str, sid: str, now: float) -> None:
         gen = self.next_generation
@@ -566,14 +672,9 @@ class _Tx:
             connection=1,
             last_activity=now,
         )
-        self.count(started=1)
         self.humans_seen = True
         self.effects.append(StartSession(identity, gen, sid, 1))
-        if self.config.max_duration is not None:
-            rec = self.arm(rec, TimerKind.MAX_DURATION, now + self.config.max_duration)
-        deadline = self.idle_deadline(rec, now)
-        if deadline is not None:
-            rec = self.arm(rec, TimerKind.IDLE, deadline)
+        rec = self.arm(rec, TimerKind.MAX_DURATION, self.max_duration.deadline(now))
         self.sessions[identity] = rec
 
     def resume(self, rec: SessionRecord, sid: str, now: float, *, takeover: bool) -> None:
@@ -581,6 +682,7 @@ class _Tx:
         if takeover:
             self.effects.append(StopConnection(rec.identity, rec.generation, rec.sid, rec.connection))
             rec = self.remove_tracks(rec)
+            rec = self.disarm(rec, TimerKind.IDLE)
         rec = self.disarm(rec, TimerKind.RECONNECT)
         rec = replace(
             rec,
@@ -589,33 +691,25 @@ class _Tx:
             changed_at=now,
             connection=rec.connection + 1,
             last_activity=now,
+            away_since=None,
             idle_warned=False,
             errors=0,
             resumes=rec.resumes + 1,
             past_sids=rec.past_sids | {rec.sid},
             disconnect_reason=None,
         )
-        self.count(resumed=1)
         self.effects.append(
             ResumeSession(
-                rec.identity,
-                rec.generation,
-                sid,
-                rec.connection,
-                previous_sid=previous_sid,
-                takeover=takeover,
+                rec.identity, rec.generation, sid, rec.connection, previous_sid=previous_sid, takeover=takeover
             )
         )
-        deadline = self.idle_deadline(rec, now)
-        if deadline is not None:
-            rec = self.arm(rec, TimerKind.IDLE, deadline)
         self.sessions[rec.identity] = rec
 
     def go_away(self, rec: SessionRecord, reason: int | None, now: float) -> None:
         self.effects.append(StopConnection(rec.identity, rec.generation, rec.sid, rec.connection))
         rec = self.remove_tracks(rec)
         rec = self.disarm(rec, TimerKind.IDLE)
-        rec = replace(rec, state=SessionState.AWAY, changed_at=now, disconnect_reason=reason)
+        rec = replace(rec, state=SessionState.AWAY, changed_at=now, disconnect_reason=reason, away_since=None)
         self.effects.append(SessionAway(rec.identity, rec.generation, rec.sid, reason))
         rec = self.arm(rec, TimerKind.RECONNECT, now + self.config.reconnect_window)
         self.sessions[rec.identity] = rec
@@ -629,8 +723,6 @@ class _Tx:
         notice: NoticeKind | None = None,
         disconnect_reason: int | None = None,
     ) -> None:
-        if rec.state is SessionState.ENDING:
-            return
         was_active = rec.state is SessionState.ACTIVE
         for kind in sorted(rec.timers, key=lambda k: k.value):
             rec = self.disarm(rec, kind)
@@ -638,7 +730,6 @@ class _Tx:
             rec = replace(rec, disconnect_reason=disconnect_reason)
         rec = replace(rec, tracks=frozenset(), state=SessionState.ENDING, changed_at=now, end_reason=reason)
         self.sessions[rec.identity] = rec
-        self.count(ended=1)
         self.effects.append(
             BeginCleanup(
                 rec.identity,
@@ -654,7 +745,7 @@ class _Tx:
     def is_human(self, kind: int) -> bool:
         return kind in self.config.human_kinds
 
-    # -- events
+    # -- room events: classify, then the table
 
     def joined(self, ev: Joined, *, count_stale: bool = True) -> None:
         if not self.is_human(ev.kind):
@@ -667,24 +758,21 @@ class _Tx:
         if ev.sid in self.departed or (rec is not None and ev.sid in rec.past_sids):
             self.decide("stale_connect", ev.identity, ev.sid, ev.now, stale=count_stale)
             return
-        if rec is None:
-            self.start(ev.identity, ev.sid, ev.now)
-            self.decide("connected", ev.identity, ev.sid, ev.now)
-        elif rec.state is SessionState.ENDING:
-            # decided: a new connection waits for the old session's cleanup, then starts fresh
-            self.pending[ev.identity] = ev.sid
-            self.decide("deferred", ev.identity, ev.sid, ev.now)
-        elif rec.sid == ev.sid:
-            if rec.state is SessionState.ACTIVE:
-                self.decide("duplicate_connect", ev.identity, ev.sid, ev.now, stale=count_stale)
-            else:  # AWAY with the same SID can only be a late duplicate of an old connect
-                self.decide("stale_connect", ev.identity, ev.sid, ev.now, stale=count_stale)
-        elif rec.state is SessionState.ACTIVE:
-            self.resume(rec, ev.sid, ev.now, takeover=True)
-            self.decide("takeover", ev.identity, ev.sid, ev.now)
-        else:
-            self.resume(rec, ev.sid, ev.now, takeover=False)
-            self.decide("resumed", ev.identity, ev.sid, ev.now)
+        same_sid = rec is not None and rec.sid == ev.sid
+        tr = self.fire(ev.identity, Trigger.CONNECT_SAME_SID if same_sid else Trigger.CONNECT, ev.now, sid=ev.sid)
+        assert tr is not None  # every state has both connect rows
+        what = {
+            Action.START: "connected",
+            Action.TAKEOVER: "takeover",
+            Action.RESUME: "resumed",
+            Action.DEFER: "deferred",
+        }.get(tr.action)
+        if what is not None:
+            self.decide(what, ev.identity, ev.sid, ev.now)
+        elif tr.target is SessionState.ACTIVE:
+            self.decide("duplicate_connect", ev.identity, ev.sid, ev.now, stale=count_stale)
+        else:  # AWAY with the same SID can only be a late duplicate of an old connect
+            self.decide("stale_connect", ev.identity, ev.sid, ev.now, stale=count_stale)
 
     def left(self, ev: Left) -> None:
         if not self.is_human(ev.kind):
@@ -707,16 +795,16 @@ class _Tx:
         self.depart(rec.sid)
         if reason is not None and reason in self.config.end_reasons:
             end_reason = EndReason.HANGUP if reason == CLIENT_INITIATED else EndReason.DISCONNECTED
-            self.end(rec, end_reason, now, disconnect_reason=reason)
-            self.decide("ended", rec.identity, rec.sid, now, reason=reason)
+            trigger = Trigger.DISCONNECT_FINAL
         elif self.config.reconnect_window <= 0:
-            self.end(rec, EndReason.RECONNECT_TIMEOUT, now, disconnect_reason=reason)
-            self.decide("ended", rec.identity, rec.sid, now, reason=reason)
+            end_reason, trigger = EndReason.RECONNECT_TIMEOUT, Trigger.DISCONNECT_FINAL
         else:
-            self.go_away(rec, reason, now)
-            self.decide("away", rec.identity, rec.sid, now, reason=reason)
+            end_reason, trigger = None, Trigger.DISCONNECT_DROP
+        self.fire(rec.identity, trigger, now, reason=end_reason, disconnect_reason=reason)
+        self.decide("ended" if end_reason is not None else "away", rec.identity, rec.sid, now, reason=reason)
 
     def track(self, ev: TrackPublished | TrackUnpublished, *, count_stale: bool = True) -> None:
+        """Tracks change no state: they are recorded for the current connection of an ACTIVE session only."""
         if not self.is_human(ev.kind):
             return
         rec = self.sessions.get(ev.identity)
@@ -735,6 +823,8 @@ class _Tx:
         else:
             self.decide("stale_track", ev.identity, ev.sid, ev.now, stale=count_stale)
 
+    # -- timers and signals: the policies
+
     def timer(self, ev: TimerFired) -> None:
         rec = self.sessions.get(ev.identity)
         if rec is None or rec.generation != ev.generation or rec.timers.get(ev.kind) != ev.token:
@@ -744,28 +834,20 @@ class _Tx:
         rec = replace(rec, timers=MappingProxyType(timers))
         self.sessions[rec.identity] = rec
         if ev.kind is TimerKind.RECONNECT:
-            if rec.state is SessionState.AWAY:
-                self.end(rec, EndReason.RECONNECT_TIMEOUT, ev.now)
+            self.fire(rec.identity, Trigger.WINDOW_EXPIRED, ev.now, reason=EndReason.RECONNECT_TIMEOUT)
         elif ev.kind is TimerKind.MAX_DURATION:
-            self.end(rec, EndReason.MAX_DURATION, ev.now, notice=NoticeKind.MAX_DURATION_END)
-        elif rec.state is SessionState.ACTIVE and self.config.idle_timeout is not None:
-            idle_timeout = self.config.idle_timeout
-            end_at = rec.last_activity + idle_timeout
-            if self.warning_enabled() and not rec.idle_warned:
-                warn_at = end_at - self.config.idle_warning_before
-                if ev.now >= warn_at:
-                    self.effects.append(Notify(rec.identity, rec.generation, NoticeKind.IDLE_WARNING))
-                    rec = replace(rec, idle_warned=True)
-                    # the user always gets the full warning lead, even if this timer fired late
-                    rec = self.arm(rec, TimerKind.IDLE, max(end_at, ev.now + self.config.idle_warning_before))
-                else:
-                    rec = self.arm(rec, TimerKind.IDLE, warn_at)
-                self.sessions[rec.identity] = rec
-            elif ev.now >= end_at or rec.idle_warned:
-                # warned and still silent (the re-armed deadline may lie past end_at): end
-                self.end(rec, EndReason.IDLE, ev.now, notice=NoticeKind.IDLE_END)
-            else:
-                self.sessions[rec.identity] = self.arm(rec, TimerKind.IDLE, end_at)
+            self.fire(
+                rec.identity, Trigger.LIMIT, ev.now, reason=EndReason.MAX_DURATION, notice=NoticeKind.MAX_DURATION_END
+            )
+        elif rec.state is SessionState.ACTIVE and self.idle.enabled and rec.away_since is not None:
+            verdict, deadline = self.idle.on_timer(rec.away_since, rec.idle_warned, ev.now)
+            if verdict is IdleVerdict.END:
+                self.fire(rec.identity, Trigger.LIMIT, ev.now, reason=EndReason.IDLE, notice=NoticeKind.IDLE_END)
+                return
+            if verdict is IdleVerdict.WARN:
+                self.effects.append(Notify(rec.identity, rec.generation, NoticeKind.IDLE_WARNING))
+                rec = replace(rec, idle_warned=True)
+            self.sessions[rec.identity] = self.arm(rec, TimerKind.IDLE, deadline)
 
     def current(self, identity: str, generation: int | None) -> SessionRecord | None:
         rec = self.sessions.get(identity)
@@ -776,7 +858,16 @@ class _Tx:
     def activity(self, ev: ActivityNoted) -> None:
         rec = self.current(ev.identity, ev.generation)
         if rec is not None and rec.state is SessionState.ACTIVE:
-            self.sessions[rec.identity] = replace(rec, last_activity=ev.now, idle_warned=False)
+            rec = self.disarm(rec, TimerKind.IDLE)
+            self.sessions[rec.identity] = replace(rec, last_activity=ev.now, away_since=None, idle_warned=False)
+
+    def away(self, ev: AwayNoted) -> None:
+        """The framework says the user is away: the idle policy starts counting (once per away spell)."""
+        rec = self.current(ev.identity, ev.generation)
+        if rec is None or rec.state is not SessionState.ACTIVE or rec.away_since is not None:
+            return
+        rec = replace(rec, away_since=ev.now, idle_warned=False)
+        self.sessions[rec.identity] = self.arm(rec, TimerKind.IDLE, self.idle.deadline(ev.now, warned=False))
 
     def error(self, ev: ErrorNoted) -> None:
         rec = self.current(ev.identity, ev.generation)
@@ -784,9 +875,8 @@ class _Tx:
             return
         rec = replace(rec, errors=rec.errors + 1)
         self.sessions[rec.identity] = rec
-        limit = self.config.max_consecutive_errors
-        if ev.fatal or (limit is not None and rec.errors >= limit):
-            self.end(rec, EndReason.ERRORS, ev.now, notice=NoticeKind.ERRORS_END)
+        if self.breaker.trips(rec.errors, ev.fatal):
+            self.fire(rec.identity, Trigger.LIMIT, ev.now, reason=EndReason.ERRORS, notice=NoticeKind.ERRORS_END)
 
     def success(self, ev: SuccessNoted) -> None:
         rec = self.current(ev.identity, ev.generation)
@@ -794,19 +884,19 @@ class _Tx:
             self.sessions[rec.identity] = replace(rec, errors=0)
 
     def end_requested(self, ev: EndRequested) -> None:
-        rec = self.current(ev.identity, ev.generation)
-        if rec is not None:
-            self.end(rec, ev.reason, ev.now)
+        if self.current(ev.identity, ev.generation) is not None:
+            self.fire(ev.identity, Trigger.END, ev.now, reason=ev.reason)
 
     def cleanup_finished(self, ev: CleanupFinished) -> None:
         rec = self.sessions.get(ev.identity)
-        if rec is None or rec.generation != ev.generation or rec.state is not SessionState.ENDING:
+        if rec is None or rec.generation != ev.generation:
             return
-        del self.sessions[ev.identity]
-        self.count(cleanups=1, cleanup_errors=ev.errors, tasks_leaked=ev.leaked)
+        if self.fire(ev.identity, Trigger.CLEANUP_DONE, ev.now) is None:
+            return
+        self.effects.append(SessionGone(ev.identity, ev.generation, rec.end_reason, ev.errors, ev.leaked))
         waiting = self.pending.pop(ev.identity, None)
         if waiting is not None and not self.closed:
-            self.start(ev.identity, waiting, ev.now)
+            self.fire(ev.identity, Trigger.CONNECT, ev.now, sid=waiting)
             self.decide("connected", ev.identity, waiting, ev.now)
         if not self.sessions and not self.pending and self.humans_seen:
             self.humans_seen = False
@@ -839,8 +929,8 @@ class _Tx:
         for sid in self.pending.values():
             self.depart(sid)
         self.pending.clear()
-        for _identity, rec in sorted(self.sessions.items()):
-            self.end(rec, ev.reason, ev.now)
+        for identity in sorted(self.sessions):
+            self.fire(identity, Trigger.END, ev.now, reason=ev.reason)
 
 
 def step(state: CoreState, event: Event, config: CoreConfig) -> tuple[CoreState, list[Effect]]:
@@ -856,6 +946,8 @@ def step(state: CoreState, event: Event, config: CoreConfig) -> tuple[CoreState,
         tx.timer(event)
     elif isinstance(event, ActivityNoted):
         tx.activity(event)
+    elif isinstance(event, AwayNoted):
+        tx.away(event)
     elif isinstance(event, ErrorNoted):
         tx.error(event)
     elif isinstance(event, SuccessNoted):
@@ -864,8 +956,6 @@ def step(state: CoreState, event: Event, config: CoreConfig) -> tuple[CoreState,
         tx.end_requested(event)
     elif isinstance(event, CleanupFinished):
         tx.cleanup_finished(event)
-    elif isinstance(event, TasksLeaked):
-        tx.count(tasks_leaked=event.count)
     elif isinstance(event, Resync):
         tx.resync(event)
     elif isinstance(event, Shutdown):

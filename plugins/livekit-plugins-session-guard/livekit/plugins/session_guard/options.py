@@ -59,11 +59,15 @@ class SessionGuardOptions:
     """How long an AWAY session waits for the same identity to come back (0 = end at once)."""
     max_duration: float | None = 2 * 60 * 60
     idle_timeout: float | None = 5 * 60
-    """End the session when the user said nothing for this long (``GuardSession.note_activity``)."""
+    """End the session when the user stays away this long after the AgentSession reported them away (its
+    ``user_away_timeout`` of silence, default 15 s: one silence timer, the framework's; ``note_away`` /
+    ``note_activity`` for apps without an AgentSession)."""
     idle_warning_before: float = 30.0
     """Send the IDLE_WARNING notice this long before the idle end (0 = no warning)."""
-    max_consecutive_errors: int | None = 5
-    """End after this many STT/LLM/TTS errors in a row (``note_error``); ``note_success`` resets."""
+    max_consecutive_errors: int | None = None
+    """Off by default: the breaker is the AgentSession's own (``SessionConnectOptions.max_unrecoverable_errors``);
+    when it closes the AgentSession with reason ERROR the session ends (``EndReason.ERRORS``). Set this only to
+    also count errors the app reports itself (``note_error``; ``note_success`` resets)."""
     end_on_disconnect_reasons: frozenset[int] = DEFAULT_END_REASONS
     human_kinds: frozenset[int] = DEFAULT_HUMAN_KINDS
 
@@ -85,6 +89,14 @@ class SessionGuardOptions:
 
     notice_texts: dict[NoticeKind, str] = field(default_factory=lambda: dict(_DEFAULT_NOTICE_TEXTS))
 
+    # room hygiene (``SessionGuard.serve``; see hygiene.py)
+    no_show_timeout: float | None = 20.0
+    """No human joined this long after the agent did (and no session ever started): delete the room, end the job."""
+    delete_room_when_empty: bool = True
+    """The last human session finished its cleanup and no human is in the room: delete the room, end the job."""
+    leave_if_older_agent: bool = True
+    """An older agent of this agent name is in the room (a livekit-server restart): this job leaves."""
+
     def __post_init__(self) -> None:
         for name in (
             "reconnect_window",
@@ -99,7 +111,7 @@ class SessionGuardOptions:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_duration", "idle_timeout"):
+        for name in ("max_duration", "idle_timeout", "no_show_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None")
