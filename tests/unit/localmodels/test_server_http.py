@@ -104,11 +104,12 @@ async def test_stream_has_role_deltas_finish_usage_and_done(server: str) -> None
     assert events[-1] == "[DONE]"
     chunks = [e for e in events[:-1] if isinstance(e, dict)]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # one chunk per checked sentence (localmodels.chat.Hygiene: no recital, English, at most two sentences)
     content = [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]]
-    assert len(content) >= 2 and all(isinstance(c, str) for c in content) and "".join(content).strip()
+    assert 1 <= len(content) <= 2 and all(isinstance(c, str) and c.strip() for c in content)
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-2]["choices"][0]["delta"] == {}
     usage_chunk = chunks[-1]
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == len(content)
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] >= len("".join(content).split())
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
