@@ -31,15 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gguf", type=Path, help="serve this GGUF chat model instead of the packaged one (model comparisons)"
     )
-    ap.add_argument("--model-id", help="the id /v1/models lists for --gguf")
+    ap.add_argument("--model-id", help="the id /v1/models lists (default: the packaged model's)")
     ap.add_argument("--chat-format", help="llama_cpp chat format for a GGUF without a chat template (e.g. gemma)")
     ap.add_argument(
         "--no-memory-step", action="store_true", help="never ask the model whether to remember (comparisons)"
     )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    if (args.gguf is None) != (args.model_id is None):
-        ap.error("--gguf and --model-id go together")
+    if args.gguf is not None and args.model_id is None:
+        ap.error("--gguf needs --model-id")
     if args.gguf is not None and not args.gguf.is_file():
         ap.error(f"--gguf: no such file {args.gguf}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -33,7 +33,13 @@ from perf.procs import loadavg
 from perf.stack import free_port
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
 from tests.support.conversations import RULES, SESSIONS, Judge, Score, count, summary
-from tests.support.voice import LOCAL_PROVIDER, ensure_local_provider
+from tests.support.voice import ensure_local_provider
+
+SCORE_PROVIDER = "sg-score-models"
+SCORE_PREFIX = f"score{os.getpid()}-"
+"""Its own BYOK provider in Letta and model ids of its own, new each run: the tests' `sg-local-models` is left
+alone, and Letta 0.16.8 never re-creates a model id its provider once stopped listing (the soft-deleted row keeps
+the handle: "already exists (concurrent insert), skipping")."""
 
 
 @dataclass
@@ -50,9 +56,9 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [str(venv_path() / "bin" / "python"), "-m", "localmodels", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--threads", os.environ.get("LOCALMODELS_THREADS", "1")]
+    cmd += ["--threads", os.environ.get("LOCALMODELS_THREADS", "1"), "--model-id", SCORE_PREFIX + model_id]
     if gguf is not None:
-        cmd += ["--gguf", str(gguf), "--model-id", model_id]
+        cmd += ["--gguf", str(gguf)]
     if not memory:
         cmd.append("--no-memory-step")
     if chat_format:
@@ -103,11 +109,11 @@ def run_model(
     res = Result(model_id)
     agent_id = None
     try:
-        ensure_local_provider(letta_url, url)
-        handle = next(m.handle for m in letta.models.list() if m.model == model_id and m.handle)
-        emb = next(e.handle for e in letta.models.embeddings.list() if (e.handle or "").startswith(LOCAL_PROVIDER))
+        ensure_local_provider(letta_url, url, SCORE_PROVIDER)
+        handle = next(m.handle for m in letta.models.list() if m.model == SCORE_PREFIX + model_id and m.handle)
+        emb = next(e.handle for e in letta.models.embeddings.list() if (e.handle or "").startswith(SCORE_PROVIDER))
         agent = letta.agents.create(
-            name=f"score-{model_id}-{uuid.uuid4().hex[:6]}",
+            name=f"score-{re.sub(r'[^A-Za-z0-9_-]', '-', model_id)}-{uuid.uuid4().hex[:6]}",
             model=handle,
             embedding=emb,
             memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
@@ -176,7 +182,10 @@ def main() -> int:
     print(f"{count()} exchanges in {len(SESSIONS)} sessions; load before: {loadavg()}")
     for mid, path, fmt in models:
         print(f"== {mid} ({path or 'packaged'}{', chat format ' + fmt if fmt else ''})")
-        results.append(run_model(letta, letta_url, mid, path, not args.no_memory_step, tmp, fmt))
+        try:
+            results.append(run_model(letta, letta_url, mid, path, not args.no_memory_step, tmp, fmt))
+        except Exception as e:  # one model failing must not lose the others' scores
+            print(f"  {mid} failed: {type(e).__name__}: {e}")
     print(f"\nload after: {loadavg()}")
     print("| model | score | exchanges all ok | " + " | ".join(RULES) + " | memory (human block) |")
     print("|---|---:|---:|" + "---:|" * len(RULES) + "---|")

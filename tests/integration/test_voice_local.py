@@ -142,7 +142,7 @@ async def _session(
             n_heard = len([t for t in human.transcripts if human.is_user_transcript(t)])
             t_end = await human.speak(clip)
             await human.wait_for(partial(_reply_after, human, t_end), 120, "no spoken reply from the agent")
-            await human.wait_reply_audio(after=t_end)
+            await asyncio.sleep(2.0)  # the final transcript comes as the speech ends; a short reply is < 0.4 s loud
             heard = [t[3] for t in human.transcripts if human.is_user_transcript(t)][n_heard:]
             replies = [t[3] for t in human.transcripts if t[0] > t_end and human.is_agent_speech(t)]
             out.append((" ".join(heard), " ".join(replies)))
@@ -179,7 +179,9 @@ async def test_a_spoken_fact_is_remembered_in_a_new_session_by_the_local_model(
         while "blue" not in human_block(letta_sync, local_agent).lower():
             await asyncio.sleep(0.5)
     block = human_block(letta_sync, local_agent)
-    assert "favorite color" in block.lower(), block
+    assert {"blue", "color"} <= set(words(block)), (
+        block
+    )  # the model's words, e.g. "The user prefers blue over any other color."
 
     # session 2 (a new room: the conversation's history is gone, the memory block stays)
     ((ask_heard, answer),) = await _session(stack, local_agent, models, tmp_path, ["What is my favorite color?"])

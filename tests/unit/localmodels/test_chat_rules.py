@@ -14,6 +14,7 @@ from localmodels.chat import (
     BadRequest,
     ToolSpec,
     condense,
+    letta_system,
     memory_blocks,
     parse_tools,
     required_tool,
@@ -152,3 +153,10 @@ def test_the_model_id_letta_is_told_to_prefer_is_the_one_the_server_lists() -> N
         timeout=60,
     ).stdout.strip()
     assert out == LOCAL_MODEL
+
+
+def test_the_human_blocks_placeholder_goes_once_facts_are_there() -> None:
+    empty = letta_system({"human": "Nothing is known about the user yet."})
+    assert "Nothing is known about the user yet." in empty
+    known = letta_system({"human": "Nothing is known about the user yet.\nThe user's favorite color is blue."})
+    assert "Nothing is known" not in known and "The user's favorite color is blue." in known
