@@ -305,10 +305,20 @@ def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+_ENGLISH_WORDS = frozenset(
+    "the a an is are was were be am i i'm you you're your it it's its this that to of in on at for with and or but "
+    "not no yes my me we our they he she his her what how can do does will would there here so as".split()
+)
+
+
 def is_english(text: str) -> bool:
-    """Mostly ASCII letters (the models answer in other languages and scripts now and then)."""
+    """Mostly ASCII letters, and - past three words - at least one common English word (SmolLM2 answered "L'Alma, la
+    France, est la capital de France." once: all ASCII)."""
     letters = [c for c in text if c.isalpha()]
-    return bool(letters) and sum(c.isascii() for c in letters) / len(letters) >= 0.95
+    if not letters or sum(c.isascii() for c in letters) / len(letters) < 0.95:
+        return False
+    ws = _words(text)
+    return len(ws) <= 3 or any(w in _ENGLISH_WORDS for w in ws)
 
 
 @dataclass

@@ -139,4 +139,7 @@ def test_a_reply_in_another_language_is_caught() -> None:
     h = Hygiene(SYSTEM)
     assert feed_all(h, ["Привет, как дела?"]) == [] and h.foreign
     h = Hygiene(SYSTEM)
+    assert feed_all(h, ["L'Alma, la France, est la capital de France."]) == [] and h.foreign  # seen from SmolLM2
+    h = Hygiene(SYSTEM)
     assert feed_all(h, ["Paris is the capital of France."]) == ["Paris is the capital of France."]
+    assert feed_all(Hygiene(SYSTEM), ["Good morning!"]) == ["Good morning!"]
