@@ -332,6 +332,8 @@ class Hygiene:
     sent: int = 0
     recital: bool = False
     foreign: bool = False
+    rejected: str = ""
+    """The sentence that stopped the reply (for the log)."""
     _buf: str = ""
 
     def __post_init__(self) -> None:
@@ -346,10 +348,10 @@ class Hygiene:
         if not s or self.full:
             return None
         if _ngrams(_words(s), RECITAL_NGRAM) & self._grams:
-            self.recital = True
+            self.recital, self.rejected = True, s
             return None
         if any(c.isalpha() for c in s) and not is_english(s):  # digits/punctuation alone pass quietly
-            self.foreign = True
+            self.foreign, self.rejected = True, s
             return None
         self.sent += 1
         return s

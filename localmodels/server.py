@@ -78,9 +78,10 @@ class Models:
 
 FALLBACK = "Sorry, I lost my thread there. Could you say that again?"
 """Said only when every attempt at a reply failed the checks (logged as a warning)."""
-RETRY_TEMPERATURES: tuple[float | None, ...] = (None, 0.7, 1.0)
+RETRY_TEMPERATURES: tuple[float | None, ...] = (None, 0.7, 0.7)
 """The first attempt at the model's own temperature; a reply that recites its prompt or is not English is dropped
-and generated again, warmer."""
+and generated again, warmer; the last attempt sees only the system prompt and the user's last message (one French
+reply in the history made SmolLM2 answer the next turn in French or Spanish 4 times in 5)."""
 
 
 async def spoken_reply(
@@ -92,8 +93,10 @@ async def spoken_reply(
     system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
     for attempt, temperature in enumerate(RETRY_TEMPERATURES):
         h = Hygiene(system)
+        last = attempt == len(RETRY_TEMPERATURES) - 1
+        messages = [prompt[0], prompt[-1]] if last and len(prompt) > 2 and system else prompt
         async with contextlib.aclosing(
-            chat.stream(prompt, max_tokens=max_tokens, gen=gen, temperature=temperature)
+            chat.stream(messages, max_tokens=max_tokens, gen=gen, temperature=temperature)
         ) as pieces:
             async for piece in pieces:
                 for sentence in h.feed(piece):
@@ -107,9 +110,10 @@ async def spoken_reply(
                 logger.info("reply cut after %d sentence(s): %s", h.sent, "recital" if h.recital else "not English")
             return
         logger.warning(
-            "reply attempt %d dropped (%s): generating again",
+            "reply attempt %d dropped (%s): %r",
             attempt + 1,
             "recital of the prompt" if h.recital else "not English" if h.foreign else "empty",
+            h.rejected[:200],
         )
     yield FALLBACK
 
