@@ -10,9 +10,8 @@ Composition only; the behaviour lives in the plugins:
   retired at the end, retried later if Letta is down), the job's memory block cache;
 - `sgapp`: settings, provider selection, Letta admin, one AgentSession per (re)connection.
 
-Letta settings read here (besides sgapp.config): SG_LETTA_JOURNAL_DIR (where live conversations are journaled until
-retired, so a later job retires what a crashed one left; default ~/.local/state/session-guard/letta-journal, "off"
-disables it), SG_LETTA_END_SUMMARY=1 (write a summary of each session to the agent's archival memory).
+Every setting is a field of `sgapp.config.Settings` (environment, then `.env`; `.env.example` lists them). The console
+shows INFO by default, in `dev` mode too (SG_LOG_LEVEL=DEBUG, or `--log-level debug` for one run, shows more).
 """
 
 from __future__ import annotations
@@ -23,17 +22,19 @@ import logging
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 from livekit import rtc
 from livekit.agents import JobContext, JobProcess, cli, llm
 from livekit.agents.types import ATTRIBUTE_AGENT_NAME
 from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
+from livekit.plugins.letta.guard import LettaSessions
+from livekit.plugins.letta.options import agent_id_from_metadata
+from livekit.plugins.session_guard.server import MachineCapacity, SessionGuardServer
+from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
+from sgapp.capacity import default_capacity
+from sgapp.config import ConfigError, Settings, load_settings
 from sgapp.letta_admin import find_agent_by_name, make_client, warm_up_client
 from sgapp.metrics import USERDATA_KEY as METRICS_KEY
 from sgapp.metrics import JobMetrics
@@ -42,7 +43,6 @@ from sgapp.voice import ConnectionSpec, make_agent_session, start_connection
 
 logger = logging.getLogger("session-guard")
 
-load_dotenv_file()
 try:
     SETTINGS: Settings = load_settings()
 except ConfigError as e:
@@ -50,17 +50,13 @@ except ConfigError as e:
     sys.exit(2)
 
 # Job processes inherit the environment of the worker: this is where they publish their sessions for /sessions.
-if not os.environ.get(sg.STATE_DIR_ENV):
-    os.environ[sg.STATE_DIR_ENV] = tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-")
+os.environ[STATE_DIR_ENV] = str(SETTINGS.state_dir or tempfile.mkdtemp(prefix=f"session-guard-{os.getpid()}-"))
 
 
 def letta_options() -> letta_plugin.LettaOptions:
-    journal = os.environ.get("SG_LETTA_JOURNAL_DIR", "").strip() or str(
-        Path.home() / ".local" / "state" / "session-guard" / "letta-journal"
-    )
+    journal = SETTINGS.letta_journal_dir
     return letta_plugin.LettaOptions(
-        journal_dir=None if journal.lower() == "off" else journal,
-        end_summary=os.environ.get("SG_LETTA_END_SUMMARY", "").strip().lower() in ("1", "true", "yes"),
+        journal_dir=None if journal is None else str(journal), end_summary=SETTINGS.letta_end_summary
     )
 
 
@@ -68,38 +64,57 @@ def prewarm(proc: JobProcess) -> None:
     """Once per job process, before any job: models that every session shares."""
     proc.userdata["models"] = load_models(SETTINGS)
     proc.userdata[METRICS_KEY] = JobMetrics.create(SETTINGS.metrics_port is not None)
-    took = warm_up_client()  # the job's first Letta call then does not import/initialise inside its event loop
-    if took is not None:
-        logger.debug("Letta client warmed up in %.0f ms", took * 1000)
+    # The job's first Letta call then does not import/initialise inside its event loop (sgapp.letta_admin).
+    warm = warm_up_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
+    if warm is not None:
+        logger.debug("Letta client warmed up in %.0f ms (Letta answered: %s)", warm.seconds * 1000, warm.reached)
 
 
-server = sg.SessionGuardServer(
+def max_jobs() -> int | MachineCapacity | None:
+    """SG_MAX_JOBS as the worker's capacity: a number, "auto" (from the machine: sgapp/capacity.py; the worker logs
+    how it was derived), or "cpu" (None: the framework's machine-CPU load, no job limit)."""
+    if SETTINGS.max_jobs == "cpu":
+        return None
+    if SETTINGS.max_jobs == "auto":
+        return default_capacity(SETTINGS.provider)
+    return SETTINGS.max_jobs
+
+
+MAX_JOBS = max_jobs()
+
+server = SessionGuardServer(
+    ws_url=SETTINGS.livekit_url,
+    api_key=SETTINGS.livekit_api_key,
+    api_secret=SETTINGS.livekit_api_secret,
+    # INFO in `dev` too (the framework's dev default is DEBUG); `--log-level` / LIVEKIT_LOG_LEVEL override it.
+    log_level=SETTINGS.log_level,
     port=SETTINGS.worker_port,
     host="127.0.0.1",
     setup_fnc=prewarm,
-    drain_timeout=int(os.environ.get("SG_DRAIN_TIMEOUT", "30")),
+    drain_timeout=SETTINGS.drain_timeout,
     shutdown_process_timeout=15.0,
-    num_idle_processes=int(os.environ.get("SG_IDLE_PROCESSES", "1")),
+    num_idle_processes=SETTINGS.idle_processes,
     prometheus_port=SETTINGS.metrics_port,  # /metrics, multiprocess: docs/operations.md
     # Load as a share of this worker's own capacity, not machine CPU. livekit-server only dispatches to workers
     # whose reported load is under its `agents.target_load` (0.7): on a small box shared with Letta and Postgres,
     # CPU crosses that while the worker is idle, and dispatches are dropped without a word. It also lets an idle
-    # worker accept simultaneous dispatches (SessionGuardServer's docstring).
-    max_jobs=SETTINGS.max_jobs,
+    # worker accept simultaneous dispatches (SessionGuardServer's docstring). /ready answers 200 once registered.
+    max_jobs=MAX_JOBS,
+    # SG_LOAD_THRESHOLD applies to the CPU load only (SG_MAX_JOBS=cpu); a job count has its own limit
+    load_threshold=SETTINGS.load_threshold if MAX_JOBS is None else None,
+    capacity_hint="SG_MAX_JOBS (auto or a number of rooms)",
     # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
     initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
 )
-if SETTINGS.load_threshold is not None:
-    server.update_options(load_threshold=SETTINGS.load_threshold)
 
 
-async def room_agent_id(ctx: JobContext, letta: letta_plugin.LettaSessions) -> str:
+async def room_agent_id(ctx: JobContext, letta: LettaSessions) -> str:
     """The Letta agent of this room: the dispatch metadata (set by the token server), else LETTA_AGENT_ID, else the
     agent named LETTA_AGENT_NAME. Validated against the Letta server when it answers.
 
     Raises LettaConfigError naming what is wrong (malformed metadata, unknown agent, no agent configured).
     """
-    agent_id = letta_plugin.agent_id_from_metadata(ctx.job.metadata) or SETTINGS.letta_agent_id
+    agent_id = agent_id_from_metadata(ctx.job.metadata) or SETTINGS.letta_agent_id
     if agent_id is None:
         try:
             async with asyncio.timeout(letta.options.request_timeout):
@@ -154,7 +169,7 @@ def older_agent_of_this_name(room: rtc.Room) -> rtc.RemoteParticipant | None:
 async def entrypoint(ctx: JobContext) -> None:
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
     metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
-    letta = letta_plugin.LettaSessions(client, letta_options(), metrics=metrics.letta)
+    letta = LettaSessions(client, letta_options(), metrics=metrics.letta)
 
     async def close_letta(_: str) -> None:
         await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
@@ -279,7 +294,7 @@ async def check_letta() -> None:
     """At worker start: a wrong LETTA_BASE_URL, or a LETTA_AGENT_ID the server does not have, fails here with a
     message naming it, not later in every job."""
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
-    letta = letta_plugin.LettaSessions(client, letta_plugin.LettaOptions())
+    letta = LettaSessions(client, letta_plugin.LettaOptions())
     try:
         version = await letta.check_server()
         if SETTINGS.letta_agent_id:

@@ -1,5 +1,5 @@
 """Letta plugin latencies (from scripts/bench-letta) against a running Letta: first token through the plugin
-(LettaLLM.chat, as the framework drives it) vs. the bare SDK stream, with the memory block cache warm and with a block
+(letta.LLM.chat, as the framework drives it) vs. the bare SDK stream, with the memory block cache warm and with a block
 check before every turn; conversation create / retire through the plugin; block read cold (HTTP) vs. cached;
 recompile. Creates one throw-away Letta agent and deletes it. Milliseconds."""
 
@@ -13,9 +13,11 @@ from typing import Any
 
 from letta_client import AsyncLetta
 from livekit.agents import llm
-from livekit.plugins.letta import LettaBackend, LettaConversation, LettaLLM, LettaOptions
+from livekit.plugins.letta import LLM, LettaOptions
+from livekit.plugins.letta._scope import TaskScope
+from livekit.plugins.letta.backend import LettaBackend
+from livekit.plugins.letta.conversation import LettaConversation
 from livekit.plugins.letta.retire import Retirements
-from livekit.plugins.session_guard import TaskScope
 
 Rows = list[tuple[str, list[float]]]
 
@@ -44,7 +46,7 @@ async def _sdk_first_token(client: AsyncLetta, conv_id: str, text: str) -> float
     return first
 
 
-async def _plugin_first_token(model: LettaLLM, text: str) -> float:
+async def _plugin_first_token(model: LLM, text: str) -> float:
     ctx = llm.ChatContext.empty()
     ctx.add_message(role="user", content=text)
     t0 = time.perf_counter()
@@ -84,7 +86,7 @@ async def run(url: str, turns: int = 30, n: int = 20) -> Rows:
         ):
             backend = LettaBackend(client, LettaOptions(block_max_age=max_age), scope=scope)
             c = LettaConversation(backend, agent.id, scope=scope)
-            model = LettaLLM(conversation=c)
+            model = LLM(conversation=c)
             await _plugin_first_token(model, "warm up")
             rows.append((label, [await _plugin_first_token(model, f"hello {i}") for i in range(turns)]))
             await client.conversations.delete(str(c.conversation_id))

@@ -164,20 +164,29 @@ def spawn_agent_worker(env: Mapping[str, str], log: Path, header: str = "") -> t
     return proc, offset
 
 
+def ready(url: str) -> bool:
+    """The worker's readiness (`GET <url>/ready`): 200 only while it is registered with livekit-server."""
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
+            return bool(r.status == 200)
+    except (OSError, ValueError):  # 503 (HTTPError), not listening yet, reset
+        return False
+
+
 def wait_registered(
-    proc: subprocess.Popen[bytes], log_text: Callable[[], str], timeout: float, stop: Callable[[], object]
+    proc: subprocess.Popen[bytes], log_text: Callable[[], str], timeout: float, stop: Callable[[], object], url: str
 ) -> None:
-    """Until the worker logs its registration with livekit-server. RuntimeError (with the log's tail) if it exits
-    first, or, after `stop()`, if it has not registered within `timeout` seconds."""
+    """Until the worker at `url` answers `/ready` with 200 (registered with livekit-server). RuntimeError (with the
+    log's tail) if it exits first, or, after `stop()`, if it is not ready within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode} during start-up:\n{log_text()[-3000:]}")
-        if "registered worker" in log_text():
+        if ready(url):
             return
         time.sleep(0.2)
     stop()
-    raise RuntimeError(f"worker did not register within {timeout} s:\n{log_text()[-3000:]}")
+    raise RuntimeError(f"worker was not ready (registered) within {timeout} s:\n{log_text()[-3000:]}")
 
 
 def start_worker(
@@ -198,5 +207,5 @@ def start_worker(
     env.pop("OPENAI_API_KEY", None)
     proc, offset = spawn_agent_worker(env, log)
     w = Worker(proc=proc, agent_name=agent_name, port=port, log=log, log_offset=offset)
-    wait_registered(proc, w.log_text, timeout, w.stop)
+    wait_registered(proc, w.log_text, timeout, w.stop, w.url)
     return w

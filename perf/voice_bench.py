@@ -90,11 +90,12 @@ async def main() -> int:
         embedding=emb,
         memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
     )
+    worker_port = free_port()
     wenv = {
         **env,
         "SG_PROVIDER": "local",
         "AGENT_NAME": agent_name,
-        "SG_WORKER_PORT": str(free_port()),
+        "SG_WORKER_PORT": str(worker_port),
         # its own /metrics port: the profile's one (from `scripts/stack env`) may be taken by another worker
         "SG_METRICS_PORT": str(free_port()),
         "SG_MAX_JOBS": "4",
@@ -106,7 +107,14 @@ async def main() -> int:
     human: VoiceParticipant | None = None
     try:
         try:
-            await asyncio.to_thread(wait_registered, worker, partial(read_from, log, offset), 120, lambda: None)
+            await asyncio.to_thread(
+                wait_registered,
+                worker,
+                partial(read_from, log, offset),
+                120,
+                lambda: None,
+                f"http://127.0.0.1:{worker_port}",
+            )
         except RuntimeError as e:
             print(e)
             return 1

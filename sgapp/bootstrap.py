@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from .config import ConfigError, load_dotenv_file, load_settings
+from .config import ConfigError, load_settings
 from .letta_admin import LOCAL_MODEL, PREFERRED_MODEL, ensure_default_agent, make_client, validate_agent
 
 
 async def _main() -> int:
-    load_dotenv_file()
     try:
         settings = load_settings()
     except ConfigError as e:
@@ -40,5 +39,10 @@ async def _main() -> int:
     return 0
 
 
+def main() -> int:
+    """The `session-guard-bootstrap` command."""
+    return asyncio.run(_main())
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_main()))
+    sys.exit(main())

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
-from letta_client import APIConnectionError, AsyncLetta, NotFoundError
+from letta_client import APIError, AsyncLetta, NotFoundError
 
 logger = logging.getLogger("sgapp.letta")
 
@@ -24,34 +25,41 @@ def make_client(base_url: str, api_key: str | None = None, timeout: float = 30.0
     return AsyncLetta(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
 
-WARM_UP_URL = "http://127.0.0.1:9"
-"""Loopback's discard port: nothing listens, the connection is refused at once."""
+@dataclass(frozen=True)
+class WarmUp:
+    seconds: float
+    reached: bool
+    """Whether Letta answered; when not, the import and client set-up still happened (the point of the warm-up)."""
 
 
-def warm_up_client() -> float | None:
-    """Run the HTTP client's lazy first-call path once in this process, against a closed loopback port: imports
-    (httpx/httpcore/anyio backends, the SDK's resource modules), TLS defaults and the connection pool machinery. A job's
-    first Letta call otherwise pays it inside the job's event loop: 0.17 s on an idle 2-core box, seconds on a
-    saturated one (the load test saw the loop blocked 6.5 s). Call it where no event loop runs (a prewarm/setup
-    function). Returns the seconds it took, None when skipped (a loop is running)."""
+def warm_up_client(base_url: str, api_key: str | None = None, *, timeout: float = 2.0) -> WarmUp | None:
+    """Run the Letta client's lazy first-call path once in this process, with one cheap real call (GET /v1/health/
+    on the configured server): the SDK's resource modules (imported on first attribute access), httpx/httpcore and
+    the anyio backend, the connection pool, response parsing. A job's first Letta call otherwise pays it inside the
+    job's event loop: 0.17 s on an idle 2-core box, seconds on a saturated one (a load test saw the loop blocked
+    6.5 s). Quiet: an unreachable Letta is not this function's business (the worker checks Letta at start and each
+    job reports its own failures), so it logs nothing above DEBUG and raises nothing the client raises.
+
+    Call it where no event loop runs (a prewarm/setup function). None when skipped (a loop is running)."""
     with contextlib.suppress(RuntimeError):
         asyncio.get_running_loop()
         return None
     t0 = time.perf_counter()
 
-    async def first_calls() -> None:
-        client = make_client(WARM_UP_URL, timeout=2.0)
+    async def first_call() -> bool:
+        client = make_client(base_url, api_key, timeout=timeout)
         try:
-            with contextlib.suppress(APIConnectionError):
-                await client.agents.blocks.list("agent-00000000-0000-4000-8000-000000000000")
-            with contextlib.suppress(APIConnectionError):
-                await client.conversations.retrieve("conv-00000000-0000-4000-8000-000000000000")
-            _ = client.conversations.messages, client.agents.messages  # resource modules import on first access
+            _ = client.agents.blocks, client.agents.messages, client.conversations.messages  # lazy resource modules
+            await client.health()
+            return True
+        except APIError as e:
+            logger.debug("Letta warm-up call failed (harmless): %s", e)
+            return False
         finally:
             await client.close()
 
-    asyncio.run(first_calls())
-    return time.perf_counter() - t0
+    reached = asyncio.run(first_call())
+    return WarmUp(time.perf_counter() - t0, reached)
 
 
 async def find_agent_by_name(client: AsyncLetta, name: str) -> str | None:

@@ -57,7 +57,10 @@ def load_vad() -> vad.VAD:
 
 
 def load_models(settings: Settings) -> ProcessModels:
-    return ProcessModels(vad=load_vad(), offline=offline.OfflineModels.load() if settings.provider == "local" else None)
+    local = settings.provider == "local"
+    return ProcessModels(
+        vad=load_vad(), offline=offline.OfflineModels.load(threads=settings.offline_model_threads) if local else None
+    )
 
 
 def describe(settings: Settings) -> str:

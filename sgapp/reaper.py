@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import psutil
 from livekit import api
-from livekit.plugins.session_guard import STATE_DIR_ENV, read_state_dir
+from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV, read_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_SCRIPT = ROOT / "agent.py"

@@ -1,1 +1,1 @@
-"""The selector page and its token server (`python web/server.py`)."""
+"""The selector page and its token server (`session-guard-web`, or `python -m web.server`)."""

@@ -8,7 +8,8 @@
 
 Every connection gets a fresh room with the worker dispatched explicitly; a resume ticket (web/tickets.py) lets the
 same tab rejoin its own room after a refresh or a network drop. Bad requests get a 4xx JSON error
-`{"error": message, "code": code, "status": status}`; the API secret never leaves the server.
+`{"error": message, "code": code, "status": status}`; the API secret never leaves the server. Behind a reverse
+proxy (docs/deploy.md), SG_TRUSTED_PROXIES makes its X-Forwarded-For the client (web/forwarded.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -28,15 +28,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from livekit import api as lkapi
 
-from sgapp.config import ConfigError, Settings, load_dotenv_file, load_settings
+from sgapp.config import ConfigError, Settings, load_settings
 from sgapp.letta_admin import LOCAL_MODEL, make_client
 from web import tickets
 from web.agents import AGENT_ID_RE, AgentCatalog, Catalog, LettaUnavailable
+from web.forwarded import resolve
 from web.ratelimit import RateLimiter
 from web.settings import WebSettings, load_web_settings
 
@@ -48,6 +46,7 @@ WEB: web.AppKey[WebSettings] = web.AppKey("web_settings", WebSettings)
 HTTP: web.AppKey[ClientSession] = web.AppKey("http", ClientSession)
 CATALOG: web.AppKey[Catalog] = web.AppKey("catalog", Catalog)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+LIST_LIMITER: web.AppKey[RateLimiter] = web.AppKey("list_limiter", RateLimiter)
 
 MAX_BODY = 4096
 """Bytes an API request body may have (a token request is ~100 bytes, a ticket ~300)."""
@@ -104,9 +103,30 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 @web.middleware
+async def forwarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Behind a listed proxy (SG_TRUSTED_PROXIES), `request.remote` and `request.scheme` are the client's."""
+    trusted = request.app[WEB].trusted_proxies
+    if not trusted:
+        return await handler(request)
+    h = request.headers
+    seen = resolve(request.remote, h.getall("X-Forwarded-For", []), h.getall("X-Forwarded-Proto", []), trusted)
+    if seen.client == request.remote and seen.scheme is None:
+        return await handler(request)
+    return await handler(request.clone(remote=seen.client, scheme=seen.scheme or request.scheme))
+
+
+UNLIMITED = frozenset({"/api/health"})
+"""Outside every bucket: a load balancer polls it, and a burst of token requests must not mark the instance down."""
+OWN_BUCKET = frozenset({"/api/agents"})
+"""A bucket of its own (the page lists agents once per load; token requests must not starve it, nor it them)."""
+
+
+@web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
-        wait = request.app[LIMITER].take(request.remote or "?")
+    path = request.path
+    if path.startswith("/api/") and path not in UNLIMITED:
+        limiter = request.app[LIST_LIMITER] if path in OWN_BUCKET else request.app[LIMITER]
+        wait = limiter.take(request.remote or "?")
         if wait > 0:
             retry = max(1, round(wait + 0.5))
             raise ApiError(429, "rate_limited", "too many requests: slow down", {"Retry-After": str(retry)})
@@ -236,8 +256,24 @@ def _livekit_token(settings: WebSettings, *, room: str, identity: str, agent_id:
     )
 
 
+def _livekit_url_for(request: web.Request, settings: WebSettings) -> str:
+    """The LiveKit URL for this page: a page served over https cannot open ws:// (mixed content), so that is a
+    configuration error the operator must see, not a page that fails in the browser's console."""
+    url = settings.livekit_url
+    if request.scheme == "https" and not url.startswith(("wss://", "https://")):
+        logger.error("the page is served over https but the LiveKit URL is %s: set SG_PUBLIC_LIVEKIT_URL", url)
+        raise ApiError(
+            503,
+            "insecure_livekit_url",
+            "the page is served over https but the server is set up with a ws:// LiveKit URL: "
+            "set SG_PUBLIC_LIVEKIT_URL to a wss:// URL (docs/deploy.md)",
+        )
+    return url
+
+
 async def token(request: web.Request) -> web.Response:
     settings = request.app[WEB]
+    livekit_url = _livekit_url_for(request, settings)
     body = await read_json_object(request, {"agent", "identity", "resume"})
     agent = _optional_str(body, "agent")
     identity = _optional_str(body, "identity")
@@ -262,10 +298,17 @@ async def token(request: web.Request) -> web.Response:
     ticket = tickets.issue(
         settings.ticket_secret, room=room, identity=identity, agent=agent_id, ttl=settings.ticket_ttl
     )
-    logger.info("token for %s in %s (agent %s, %s)", identity, room, agent_id, "resume" if resumed else "new")
+    logger.info(
+        "token for %s in %s (agent %s, %s) client %s",
+        identity,
+        room,
+        agent_id,
+        "resume" if resumed else "new",
+        request.remote,
+    )
     return web.json_response(
         {
-            "url": settings.livekit_url,
+            "url": livekit_url,
             "token": _livekit_token(settings, room=room, identity=identity, agent_id=agent_id),
             "room": room,
             "identity": identity,
@@ -354,9 +397,10 @@ async def favicon(_: web.Request) -> web.FileResponse:
 def make_app(settings: Settings | WebSettings, *, catalog: Catalog | None = None) -> web.Application:
     """The app; `catalog` replaces the Letta-backed agent list (tests)."""
     ws = settings if isinstance(settings, WebSettings) else load_web_settings(settings)
-    app = web.Application(middlewares=[json_errors, rate_limit], client_max_size=16 * 1024)
+    app = web.Application(middlewares=[forwarded, json_errors, rate_limit], client_max_size=16 * 1024)
     app[WEB] = ws
     app[LIMITER] = RateLimiter(ws.rate_per_minute, ws.rate_burst)
+    app[LIST_LIMITER] = RateLimiter(ws.rate_per_minute, ws.rate_burst)
     app.on_response_prepare.append(security_headers(ws))
 
     async def clients(app: web.Application) -> AsyncIterator[None]:
@@ -397,14 +441,13 @@ def main() -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    load_dotenv_file()
     try:
         settings = load_settings()
         ws = load_web_settings(settings)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     port = args.port or settings.web_port
     logger.info("serving the page on http://%s:%d (agent name %s)", args.host, port, settings.agent_name)
     web.run_app(
@@ -413,7 +456,7 @@ def main() -> int:
         port=port,
         print=None,
         shutdown_timeout=3,
-        access_log=None if os.environ.get("SG_WEB_QUIET") else logger,
+        access_log=None if ws.quiet else logger,
     )
     return 0
 

@@ -1,24 +1,25 @@
 """Resume tickets: what lets one browser tab rejoin its own room after a refresh or a network drop, and nobody else.
 
-A ticket is `v1.<payload>.<signature>`: `payload` is base64url (no padding) of compact JSON
-`{"room", "identity", "agent", "iat", "exp"}` (unix seconds), `signature` is base64url of HMAC-SHA256 over
-`"v1." + payload` with the server's ticket secret. The server keeps no state: a ticket is valid when its signature
-matches and `exp` is in the future. It expires about one reconnect window (plus a margin) after it was issued; the page
-renews it while it is connected, so it lapses that long after the tab is gone.
+A ticket is a standard JWT (RFC 7519, PyJWT), HS256 under the server's ticket key, with the claims
+`{"room", "identity", "agent", "iat", "exp"}` (unix seconds). The server keeps no state: a ticket is valid when its
+signature matches, its header names HS256 (nothing else is accepted: no `none`, no other HMAC, no RS/ES key
+confusion) and `exp` is in the future. It expires about one reconnect window (plus a margin) after it was issued; the
+page renews it while it is connected, so it lapses that long after the tab is gone.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
-VERSION = "v1"
+import jwt
+
+ALGORITHM = "HS256"
 MAX_TICKET_LENGTH = 1024
+_CLAIMS = ("room", "identity", "agent", "iat", "exp")
 
 
 class TicketError(ValueError):
@@ -43,52 +44,42 @@ def derive_secret(livekit_api_secret: str) -> bytes:
     return hmac.new(livekit_api_secret.encode(), b"session-guard resume ticket v1", hashlib.sha256).digest()
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _sign(secret: bytes, signed_part: str) -> str:
-    return _b64(hmac.new(secret, signed_part.encode("ascii"), hashlib.sha256).digest())
-
-
 def issue(secret: bytes, *, room: str, identity: str, agent: str, ttl: float, now: float | None = None) -> str:
     now = time.time() if now is None else now
     payload = {"room": room, "identity": identity, "agent": agent, "iat": int(now), "exp": int(now + ttl)}
-    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
-    signed_part = f"{VERSION}.{body}"
-    return f"{signed_part}.{_sign(secret, signed_part)}"
+    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+def _malformed() -> TicketError:
+    return TicketError("invalid_ticket", "the resume ticket is malformed")
 
 
 def verify(secret: bytes, ticket: str, *, now: float | None = None) -> Ticket:
-    """The ticket's claims, or TicketError. The signature is checked before anything in the payload is read."""
+    """The ticket's claims, or TicketError. PyJWT checks the algorithm and the signature before it reads a claim."""
     if not isinstance(ticket, str) or not ticket or len(ticket) > MAX_TICKET_LENGTH:
-        raise TicketError("invalid_ticket", "the resume ticket is malformed")
-    parts = ticket.split(".")
-    if len(parts) != 3 or parts[0] != VERSION:
-        raise TicketError("invalid_ticket", "the resume ticket is malformed")
-    signed_part = f"{parts[0]}.{parts[1]}"
-    if not hmac.compare_digest(_sign(secret, signed_part), parts[2]):
-        raise TicketError("invalid_ticket", "the resume ticket's signature does not match")
+        raise _malformed()
     try:
-        claims = json.loads(_unb64(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise TicketError("invalid_ticket", "the resume ticket is malformed") from None
-    if not isinstance(claims, dict):
-        raise TicketError("invalid_ticket", "the resume ticket is malformed")
-    room, identity, agent = claims.get("room"), claims.get("identity"), claims.get("agent")
-    iat, exp = claims.get("iat"), claims.get("exp")
+        claims: dict[str, Any] = jwt.decode(
+            ticket,
+            secret,
+            algorithms=[ALGORITHM],
+            # exp is checked below against `now` (PyJWT reads the clock itself); iat must not be in the future.
+            options={"require": list(_CLAIMS), "verify_exp": False, "verify_iat": True},
+        )
+    except jwt.InvalidAlgorithmError:
+        raise TicketError("invalid_ticket", "the resume ticket is not signed with HS256") from None
+    except jwt.InvalidSignatureError:
+        raise TicketError("invalid_ticket", "the resume ticket's signature does not match") from None
+    except jwt.ImmatureSignatureError:
+        raise TicketError("invalid_ticket", "the resume ticket was issued in the future") from None
+    except jwt.InvalidTokenError:  # DecodeError, MissingRequiredClaimError, a non-integer iat, ...
+        raise _malformed() from None
+    room, identity, agent = claims["room"], claims["identity"], claims["agent"]
+    iat, exp = claims["iat"], claims["exp"]
     if not all(isinstance(v, str) and v for v in (room, identity, agent)) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in (iat, exp)
     ):
-        raise TicketError("invalid_ticket", "the resume ticket is malformed")
-    assert isinstance(room, str) and isinstance(identity, str) and isinstance(agent, str)
-    assert isinstance(iat, int) and isinstance(exp, int)
+        raise _malformed()
     now = time.time() if now is None else now
     if now >= exp:
         raise TicketError("ticket_expired", "the resume ticket has expired: connect again for a new session")

@@ -22,12 +22,15 @@ LIVEKIT_SERVER_VERSION=v1.13.5
 LK_CLI_VERSION=v2.18.2
 LETTA_VERSION=0.16.8
 PGSERVER_VERSION=0.1.4
+# supervisord runs the stack (scripts/stack, scripts/dev): from PyPI into its own venv, not Debian's package (that one
+# installs and enables a system-wide supervisor service).
+SUPERVISOR_VERSION=4.3.0
 # The local model server (localmodels/): llama-cpp-python is source-only on PyPI; its wheel is built once and cached.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
 # redis-server: LiveKit's distributed mode (`scripts/stack up --nodes 2`, tests/faults); started by scripts/stack.
 # cmake, g++: llama-cpp-python (the local model server) is compiled once from its sdist.
-APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++)
+APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++ caddy)
 
 export SG_ROOT SG_CACHE SG_PG_CACHE
 export UV="$SG_CACHE/tools/uv-$UV_VERSION/bin/uv"
@@ -37,6 +40,7 @@ LETTA_CONSTRAINTS="$SG_ROOT/../shared/letta/constraints-$LETTA_VERSION.txt"
 export LETTA_VENV="$SG_CACHE/letta-$LETTA_VERSION"
 export LETTA_SDIST="$SG_CACHE/letta-$LETTA_VERSION-sdist/letta-$LETTA_VERSION"
 export PG_VENV="$SG_PG_CACHE/pgserver-$PGSERVER_VERSION"
+export SUPERVISOR_VENV="$SG_CACHE/supervisor-$SUPERVISOR_VERSION"
 LLAMA_WHEEL_DIR="$SG_CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
 _localmodels_key() { { echo "$LLAMA_CPP_PYTHON_VERSION"; cat "$SG_ROOT/localmodels/requirements.txt"; } | sha256sum | cut -c1-12; }
 LOCALMODELS_VENV="${LOCALMODELS_VENV:-$SG_CACHE/localmodels-$(_localmodels_key)}"
@@ -48,6 +52,27 @@ ok() { printf '          %s\n' "$*"; }
 die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
 _t0() { date +%s; }
 _dt() { echo "$(( $(date +%s) - $1 )) s"; }
+
+# Runs a long command with its output in LOG and, every SG_PROGRESS_INTERVAL seconds (default 30), one line: the time
+# elapsed and what it is doing now (the last line of LOG matching PATTERN, e.g. cmake's "[ 42%] Building ..."). A line
+# every 30 s keeps a CI log readable and shows a person that a 6-minute compile is moving. On failure: LOG's tail.
+run_with_progress() {  # what log pattern cmd...
+  local what=$1 log=$2 pattern=$3; shift 3
+  local every=${SG_PROGRESS_INTERVAL:-30} t; t=$(_t0)
+  "$@" >"$log" 2>&1 &
+  local pid=$! last=$SECONDS rc
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( SECONDS - last >= every )); then
+      last=$SECONDS
+      local now; now=$(grep -E "$pattern" "$log" 2>/dev/null | tail -n 1 | cut -c1-110 || true)
+      ok "... $what: $(_dt "$t") elapsed${now:+, now: $now}"
+    fi
+  done
+  wait "$pid" && rc=0 || rc=$?
+  if [ "$rc" != 0 ]; then tail -n 30 "$log" | sed 's/^/          | /'; fi
+  return "$rc"
+}
 
 ensure_apt() {
   step "Debian packages: ${APT_PACKAGES[*]}"
@@ -82,7 +107,10 @@ _go_install() {  # name module version binary-name-in-GOBIN target
   local gobin; gobin="$(dirname "$target")"; mkdir -p "$gobin"
   local t; t=$(_t0)
   ok "building $mod@$ver (a few minutes the first time) ..."
-  GOBIN="$gobin" GOFLAGS=-mod=mod go install "$mod@$ver" || die "go install $mod@$ver failed"
+  local log; log="$(mktemp)"
+  GOBIN="$gobin" GOFLAGS=-mod=mod run_with_progress "go install $name" "$log" '.' \
+    go install -v "$mod@$ver" || { rm -f "$log"; die "go install $mod@$ver failed"; }
+  rm -f "$log"
   [ "$gobin/$built" = "$target" ] || mv "$gobin/$built" "$target"
   ok "built in $(_dt "$t")"
 }
@@ -186,11 +214,26 @@ ensure_llama_wheel() {
   ok "compiling llama.cpp (5-10 min on 2 cores, once) ..."
   python3 -m venv "$tmp/venv" && "$tmp/venv/bin/pip" install -q --upgrade pip
   # GGML_NATIVE=OFF: a portable build (no -march=native), so the cached wheel runs on any x86-64 of this kind.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$tmp/venv/bin/pip" wheel -q --no-deps \
-    --no-binary llama-cpp-python -w "$tmp/out" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
-    || { rm -rf "$tmp"; die "building llama-cpp-python failed"; }
+  # -v: pip passes the build's output (cmake's "[ 42%] Building CXX object ...") to the log the progress line reads.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" run_with_progress "llama.cpp compile" \
+    "$tmp/build.log" '^ *\[ *[0-9]+%\]|Downloading|Collecting|Building wheel|Running command' \
+    "$tmp/venv/bin/pip" wheel -v --no-deps --no-binary llama-cpp-python -w "$tmp/out" \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" || { rm -rf "$tmp"; die "building llama-cpp-python failed"; }
   mkdir -p "$LLAMA_WHEEL_DIR" && mv "$tmp"/out/*.whl "$LLAMA_WHEEL_DIR"/ && rm -rf "$tmp"
   ok "built in $(_dt "$t")"
+}
+
+ensure_supervisor() {
+  step "supervisor $SUPERVISOR_VERSION (supervisord: runs and restarts the stack's services)"
+  local stamp="$SUPERVISOR_VENV/.complete"
+  if [ -f "$stamp" ]; then ok "cached: $SUPERVISOR_VENV"; return; fi
+  local t; t=$(_t0)
+  rm -rf "$SUPERVISOR_VENV"
+  "$UV" venv -q --python python3.11 "$SUPERVISOR_VENV"
+  VIRTUAL_ENV="$SUPERVISOR_VENV" "$UV" pip install -q "supervisor==$SUPERVISOR_VERSION" \
+    || die "installing supervisor $SUPERVISOR_VERSION failed"
+  touch "$stamp"
+  ok "installed in $(_dt "$t")"
 }
 
 ensure_localmodels_venv() {
@@ -232,6 +275,7 @@ ensure_all() {
   ensure_letta_venv
   ensure_letta_sdist
   ensure_pgserver
+  ensure_supervisor
   ensure_localmodels_venv
   ensure_web_assets
   printf '\033[1m[setup] everything present (%s)\033[0m\n' "$(_dt "$t")"

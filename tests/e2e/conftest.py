@@ -80,10 +80,18 @@ def web_server(stack: Stack, worker: WorkerProc) -> Iterator[WebServer]:
 
 
 @contextlib.contextmanager
-def run_web_server(stack: Stack, worker: WorkerProc, agent_name: str) -> Iterator[WebServer]:
-    """The page's server for `worker`, dispatching to `agent_name`."""
+def run_web_server(
+    stack: Stack,
+    worker: WorkerProc,
+    agent_name: str,
+    *,
+    host: str = "127.0.0.1",
+    extra_env: dict[str, str] | None = None,
+    name: str = "web-e2e",
+) -> Iterator[WebServer]:
+    """The page's server for `worker`, dispatching to `agent_name`, on `host` (a loopback address)."""
     port = free_port()
-    log = stack.logs / f"web-e2e-{os.getpid()}.log"
+    log = stack.logs / f"{name}-{os.getpid()}.log"
     env = {
         **os.environ,
         **stack.env,
@@ -94,11 +102,12 @@ def run_web_server(stack: Stack, worker: WorkerProc, agent_name: str) -> Iterato
         "SG_WEB_RATE_LIMIT": "6000",
         "SG_WEB_RATE_BURST": "1000",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     env.pop("OPENAI_API_KEY", None)
     with open(log, "ab") as f:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "web" / "server.py"), "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, str(ROOT / "web" / "server.py"), "--host", host, "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=f,
@@ -106,7 +115,7 @@ def run_web_server(stack: Stack, worker: WorkerProc, agent_name: str) -> Iterato
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     server = WebServer(url=url, proc=proc, log=log)
     deadline = time.monotonic() + 20
     try:
@@ -158,6 +167,15 @@ def browser(
 ) -> Iterator[Callable[..., BrowserPage]]:
     """`browser(wav=None, loop=True)` opens the page in a fresh Chromium. Silence by default: the fake microphone
     must not make the VAD hear speech in text-only tests (Chromium's default fake device beeps)."""
+    with browsers(tmp_path, web_server.url, request) as open_page:
+        yield open_page
+
+
+@contextlib.contextmanager
+def browsers(
+    tmp_path: Path, base_url: str, request: pytest.FixtureRequest, extra_args: tuple[str, ...] = ()
+) -> Iterator[Callable[..., BrowserPage]]:
+    """Opens pages of `base_url` in fresh Chromiums (Chromium flags `extra_args` added); checks their consoles."""
     from playwright.sync_api import sync_playwright
 
     pw = sync_playwright().start()
@@ -183,10 +201,11 @@ def browser(
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={wav}{'' if loop else '%noloop'}",
                 "--autoplay-policy=no-user-gesture-required",
+                *extra_args,
             ],
             viewport={"width": 1000, "height": 900},
         )
-        bp = BrowserPage(context, web_server.url)
+        bp = BrowserPage(context, base_url)
         opened.append(bp)
         return bp
 

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 from letta_client import Letta
-from livekit.plugins.letta import DEFAULT_APOLOGY
+from livekit.plugins.letta.options import DEFAULT_APOLOGY
 
 from tests.faults.conftest import Cost, StackControl, Workers, joined
 from tests.support.human import Human

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +192,16 @@ class WorkerProc:
 
 
 def start_worker(
-    stack: Stack, *, name: str, extra_env: dict[str, str] | None = None, port: int | None = None, timeout: float = 60.0
+    stack: Stack,
+    *,
+    name: str,
+    extra_env: Mapping[str, str | None] | None = None,
+    port: int | None = None,
+    timeout: float = 60.0,
+    wait: bool = True,
 ) -> WorkerProc:
+    """`python agent.py start`, returned once `/ready` answers 200 (registered with livekit-server; `wait=False`:
+    at once). `extra_env` values of None remove the variable."""
     log = stack.logs / f"worker-{name}.log"
     port = port or free_port()
     env = {
@@ -212,14 +220,19 @@ def start_worker(
         "SG_NO_SHOW_TIMEOUT": "5",
         # Every test worker serves /metrics on a port of its own (scripts/test exports the profile's one port).
         "SG_METRICS_PORT": str(free_port()),
-        **(extra_env or {}),
     }
+    for key, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     env.pop("OPENAI_API_KEY", None)
     proc, offset = spawn_agent_worker(
         env, log, header=f"\n===== worker {name} starting at {time.strftime('%H:%M:%S')}\n"
     )
     w = WorkerProc(proc=proc, log=log, url=f"http://127.0.0.1:{port}", log_offset=offset)
-    wait_registered(proc, w.log_text, timeout, w.stop)
+    if wait:
+        wait_registered(proc, w.log_text, timeout, w.stop, w.url)
     return w
 
 

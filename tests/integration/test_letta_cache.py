@@ -2,7 +2,7 @@
 the per-job memory block cache, and what a start, a resume, a turn and an end cost in requests.
 
 The room is a fake (tests/unit/session_guard/fakes.py) driving a real `SessionGuard`; the LLM is the plugin's own
-`LettaLLM`, driven like the framework drives it (`chat()`, read the stream).
+`letta.LLM`, driven like the framework drives it (`chat()`, read the stream).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import httpx
 import pytest
 from letta_client import AsyncLetta, Letta
 from livekit.agents import llm
-from livekit.plugins.letta import LettaOptions, LettaSessions
+from livekit.plugins.letta import LettaOptions
+from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.session_guard import GuardSession, SessionGuard
 
 from tests.integration.conftest import Stack

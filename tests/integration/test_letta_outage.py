@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from letta_client import Letta
-from livekit.plugins.letta import DEFAULT_APOLOGY
+from livekit.plugins.letta.options import DEFAULT_APOLOGY
 
 from tests.integration.conftest import Stack, WorkerProc
 from tests.support.human import Human

@@ -1,17 +1,23 @@
-"""scripts/stack's failure modes: a stale pid file and a busy port get a clear message, never a hang.
+"""scripts/stack's failure modes: a stale pid file and a busy port get a clear message, never a hang; and its
+supervision: supervisord restarts a killed program, `stop`/`start` of one, `down` stops everything even when nobody
+reads its output, a killed supervisord takes its programs along.
 
-These run the real script against a throw-away profile directory, with ports nobody uses, and start nothing that
-stays: the busy-port case fails before starting anything.
+These run the real script against a throw-away profile directory, with ports nobody uses. The failure cases start
+nothing (a busy port fails before supervisord starts); the supervision cases run the cheapest real program of the
+stack (the test provider) under a real supervisord, and `down` it in a finally.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,7 +87,7 @@ def test_bad_port_setting_is_a_clear_error(profile_env: dict[str, str]) -> None:
     profile_env["SG_TEST_LETTA_PORT"] = "eighty"
     r = run(profile_env, "status")
     assert r.returncode == 2
-    assert "SG_TEST_LETTA_PORT='eighty' is not a port number" in r.stderr
+    assert "SG_TEST_LETTA_PORT='eighty' is not an integer" in r.stderr
 
 
 def test_down_on_a_profile_that_never_ran_is_a_no_op(profile_env: dict[str, str]) -> None:
@@ -142,3 +148,122 @@ def test_two_node_mode_has_redis_and_a_second_node(profile_env: dict[str, str]) 
     assert rows["livekit2"]["health"] == "down"
     r = run(profile_env, "env")
     assert f"SG_LIVEKIT2_URL='ws://127.0.0.1:{profile_env['SG_TEST_LIVEKIT2_PORT']}'" in r.stdout
+
+
+# --- supervision (supervisord): real processes on loopback, stopped by `down` in a finally -------------------------
+
+
+def _status(env: dict[str, str]) -> dict[str, dict[str, object]]:
+    r = run(env, "status", "--json")
+    return {row["service"]: row for row in json.loads(r.stdout)["services"]}
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> float:
+    t = time.monotonic()
+    while not check():
+        if time.monotonic() - t > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.monotonic() - t
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie left to a non-reaping init is gone for our purposes
+
+
+@pytest.fixture
+def supervised_provider(profile_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The test provider alone, under the profile's supervisord (the cheapest real program of the stack)."""
+    try:
+        r = run(profile_env, "start", "provider", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield profile_env
+    finally:
+        r = run(profile_env, "down", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_killed_program_is_restarted_by_supervisord(supervised_provider: dict[str, str]) -> None:
+    env = supervised_provider
+    url = f"http://127.0.0.1:{env['SG_TEST_PROVIDER_PORT']}/health"
+    pid = int(_status(env)["provider"]["pid"])  # type: ignore[call-overload]
+    pidfile = Path(env["SG_TEST_STACK_DIR"]) / "run" / "provider.pid"
+    assert int(pidfile.read_text()) == pid
+
+    os.kill(pid, signal.SIGKILL)
+    took = _wait("the provider answers again", lambda: _http_ok(url), 60)
+    new = int(_status(env)["provider"]["pid"])  # type: ignore[call-overload]
+    print(f"provider killed with SIGKILL: healthy again after {took:.2f} s (pid {pid} -> {new})")
+    assert new != pid
+    assert int(pidfile.read_text()) == new, "the pid file names the restarted process"
+    assert "terminated by SIGKILL" in (Path(env["SG_TEST_STACK_DIR"]) / "logs" / "supervisord.log").read_text()
+
+
+def test_stop_and_start_of_one_program_and_status_codes(supervised_provider: dict[str, str]) -> None:
+    env = supervised_provider
+    r = run(env, "stop", "provider")
+    assert r.returncode == 0 and "stopped (pid" in r.stdout, r.stdout + r.stderr
+    assert _status(env)["provider"]["health"] == "down"
+    assert run(env, "status").returncode == 1
+    r = run(env, "start", "provider", timeout=90)
+    assert r.returncode == 0 and "healthy" in r.stdout, r.stdout + r.stderr
+    assert _status(env)["provider"]["health"] == "healthy"
+
+
+def test_down_stops_every_program_and_supervisord(profile_env: dict[str, str]) -> None:
+    try:
+        r = run(profile_env, "start", "provider", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(_status(profile_env)["provider"]["pid"])  # type: ignore[call-overload]
+        sup = int((Path(profile_env["SG_TEST_STACK_DIR"]) / "run" / "supervisord.pid").read_text())
+    finally:
+        r = run(profile_env, "down", timeout=90)
+    assert r.returncode == 0 and "supervisord stopped" in r.stdout, r.stdout + r.stderr
+    assert not _alive(pid) and not _alive(sup)
+    assert not (Path(profile_env["SG_TEST_STACK_DIR"]) / "run" / "provider.pid").exists()
+
+
+def test_a_killed_supervisord_takes_its_programs_along(profile_env: dict[str, str]) -> None:
+    """kill -9 of supervisord: its programs get their parent-death signal (SIGTERM) instead of living on unseen."""
+    try:
+        r = run(profile_env, "start", "provider", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(_status(profile_env)["provider"]["pid"])  # type: ignore[call-overload]
+        sup = int((Path(profile_env["SG_TEST_STACK_DIR"]) / "run" / "supervisord.pid").read_text())
+        os.kill(sup, signal.SIGKILL)
+        _wait("the provider stops with its supervisord", lambda: not _alive(pid), 30)
+    finally:
+        run(profile_env, "down", timeout=90)
+
+
+def test_down_finishes_when_its_stdout_reader_is_gone(supervised_provider: dict[str, str]) -> None:
+    """`scripts/dev | tee log`, Ctrl-C: the reader may be gone before `down` prints; it must stop everything anyway."""
+    env = supervised_provider
+    pid = int(_status(env)["provider"]["pid"])  # type: ignore[call-overload]
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # no reader: every write gets EPIPE
+    try:
+        p = subprocess.run(
+            [sys.executable, str(STACK), "--profile", "test", "down"],
+            env=env,
+            stdout=w_fd,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        os.close(w_fd)
+    assert p.returncode == 0, p.stderr
+    assert not _alive(pid)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False

@@ -7,8 +7,9 @@ from typing import Any, cast
 
 import pytest
 from letta_client import AsyncLetta
-from livekit.plugins.letta import LettaBackend, LettaOptions, LettaTurnOptions
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.letta import LettaOptions, LettaTurnOptions
+from livekit.plugins.letta._scope import TaskScope
+from livekit.plugins.letta.backend import LettaBackend
 
 from tests.unit.letta.fake_letta import FakeLetta
 
@@ -32,8 +33,7 @@ def fake() -> Iterator[FakeLetta]:
 async def scope() -> AsyncIterator[TaskScope]:
     s = TaskScope("test-job")
     yield s
-    result = await s.aclose(2.0)
-    assert not result.leaked
+    assert await s.aclose(2.0) == []
 
 
 def fast(**overrides: Any) -> LettaOptions:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from livekit.plugins.letta import BlockCache, MemoryBlock
+from livekit.plugins.letta.cache import BlockCache, MemoryBlock
 
 
 class Clock:

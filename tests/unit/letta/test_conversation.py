@@ -7,16 +7,10 @@ import asyncio
 import time
 
 import pytest
-from livekit.plugins.letta import (
-    ConversationMode,
-    LettaConfigError,
-    LettaConversation,
-    LettaTimeoutError,
-    LettaTurnError,
-    LettaTurnOptions,
-    LettaUnavailableError,
-)
-from livekit.plugins.session_guard import TaskScope
+from livekit.plugins.letta import LettaConfigError, LettaTurnOptions, LettaUnavailableError
+from livekit.plugins.letta._scope import TaskScope
+from livekit.plugins.letta.conversation import ConversationMode, LettaConversation, TurnEnd, TurnStage
+from livekit.plugins.letta.errors import LettaTimeoutError, LettaTurnError
 
 from tests.unit.letta.conftest import make_backend
 from tests.unit.letta.fake_letta import FakeLetta
@@ -45,6 +39,7 @@ async def test_only_the_assistant_text_is_streamed_piece_by_piece(fake: FakeLett
     # tool call, tool return and reasoning are not spoken; each word arrived on its own
     assert "".join(pieces).strip() == "Got it, I will remember that my favorite color is blue."
     assert len(pieces) > 5 and result.memory_changed and result.first_token_s is not None
+    assert result.end is TurnEnd.COMPLETED and result.stage is TurnStage.ANSWERED and result.text == "".join(pieces)
     assert len(usage) == 1
     assert fake.max_retries_seen == [0], "the plugin must use a client copy with SDK retries off"
 

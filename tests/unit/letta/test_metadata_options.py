@@ -3,7 +3,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from livekit.plugins.letta import LettaConfigError, LettaOptions, agent_id_from_metadata
+from livekit.plugins.letta import LettaConfigError, LettaOptions
+from livekit.plugins.letta.options import agent_id_from_metadata
 
 
 @pytest.mark.parametrize("raw", [None, "", "   ", "{}", '{"letta_agent_id": ""}', '{"letta_agent_id": null}'])

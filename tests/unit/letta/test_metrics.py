@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.plugins.letta import LettaSessions, LettaUnavailableError
+from livekit.plugins.letta import LettaUnavailableError
+from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.letta.metrics import LettaMetrics
 from livekit.plugins.session_guard import SessionGuard
 from prometheus_client import CollectorRegistry

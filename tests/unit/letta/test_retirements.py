@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from livekit.plugins.letta import LettaConversation, RetirementJournal
+from livekit.plugins.letta._scope import TaskScope
+from livekit.plugins.letta.conversation import LettaConversation
+from livekit.plugins.letta.journal import FileJournal, JournalEntry, RetirementJournal
 from livekit.plugins.letta.retire import Retirements, summarize_messages
-from livekit.plugins.session_guard import TaskScope
 
 from tests.unit.letta.conftest import make_backend
 from tests.unit.letta.fake_letta import FakeLetta
@@ -19,11 +20,9 @@ from tests.unit.letta.fake_letta import FakeLetta
 async def new_conversation(
     fake: FakeLetta, retirements: Retirements, journal: RetirementJournal | None, scope: TaskScope, agent: str
 ) -> LettaConversation:
-    from livekit.plugins.letta import JournalEntry
-
-    def on_created(c: LettaConversation) -> None:
+    async def on_created(c: LettaConversation) -> None:
         if journal is not None and c.conversation_id:
-            c.journal = journal.record(
+            c.journal = await journal.record(
                 JournalEntry(letta_url=str(fake.base_url), agent_id=c.agent_id, conversation_id=c.conversation_id)
             )
 
@@ -47,7 +46,7 @@ async def test_retire_deletes_the_conversation_and_its_journal_entry(
     fake: FakeLetta, scope: TaskScope, tmp_path: Path
 ) -> None:
     agent = fake.add_agent()
-    journal = RetirementJournal(tmp_path)
+    journal = FileJournal(tmp_path)
     r = Retirements(make_backend(fake, scope), journal)
     conv = await new_conversation(fake, r, journal, scope, agent)
     assert len(files(tmp_path)) == 1
@@ -61,7 +60,7 @@ async def test_a_retirement_that_cannot_reach_letta_is_retried_until_it_can(
     fake: FakeLetta, scope: TaskScope, tmp_path: Path
 ) -> None:
     agent = fake.add_agent()
-    journal = RetirementJournal(tmp_path)
+    journal = FileJournal(tmp_path)
     backend = make_backend(fake, scope)
     r = Retirements(backend, journal)
     conv = await new_conversation(fake, r, journal, scope, agent)
@@ -98,7 +97,7 @@ async def test_job_end_logs_what_is_still_pending_and_a_later_job_retires_it(
     fake: FakeLetta, scope: TaskScope, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     agent = fake.add_agent()
-    journal = RetirementJournal(tmp_path)
+    journal = FileJournal(tmp_path)
     r = Retirements(make_backend(fake, scope), journal)
     conv = await new_conversation(fake, r, journal, scope, agent)
     live = await new_conversation(fake, r, journal, scope, agent)  # another session, still going on
@@ -113,8 +112,8 @@ async def test_job_end_logs_what_is_still_pending_and_a_later_job_retires_it(
     # A later job, with Letta back: claims the orphan, not the live session's entry.
     fake.down = False
     job2 = TaskScope("job-2")
-    r2 = Retirements(make_backend(fake, job2), RetirementJournal(tmp_path))
-    assert r2.claim_orphans() == 1
+    r2 = Retirements(make_backend(fake, job2), FileJournal(tmp_path))
+    assert await r2.claim_orphans() == 1
     r2.start()
     await wait_until(lambda: not r2.pending)
     assert list(fake.convs) == [live.conversation_id]

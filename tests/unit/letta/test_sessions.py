@@ -12,7 +12,8 @@ import pytest
 from livekit import rtc
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
-from livekit.plugins.letta import CONVERSATION_KEY, LettaConfigError, LettaSessions, LettaUnavailableError
+from livekit.plugins.letta import LettaConfigError, LettaUnavailableError
+from livekit.plugins.letta.guard import CONVERSATION_KEY, LettaSessions
 from livekit.plugins.session_guard import SessionGuard, SessionState
 
 from tests.unit.letta.conftest import as_client, fast
@@ -184,13 +185,13 @@ async def test_job_end_waits_for_the_sessions_and_reports_what_letta_did_not_tak
 async def test_a_later_job_retires_what_an_earlier_one_left(fake: FakeLetta, tmp_path: Path) -> None:
     agent = fake.add_agent()
     conv_id = (await fake.conversations.create(agent_id=agent)).id
-    from livekit.plugins.letta import JournalEntry, RetirementJournal
+    from livekit.plugins.letta.journal import FileJournal, JournalEntry
 
-    handle = RetirementJournal(tmp_path).record(
+    handle = await FileJournal(tmp_path).record(
         JournalEntry(letta_url=str(fake.base_url), agent_id=agent, conversation_id=conv_id)
     )
     assert handle is not None
-    handle.release()  # the earlier job died
+    await handle.release()  # the earlier job died
     room = FakeRoom("room-2")
     guard = SessionGuard(room.as_room, fast_options(), state_dir=tmp_path / "state")
     letta = LettaSessions(as_client(fake), fast(journal_dir=tmp_path))

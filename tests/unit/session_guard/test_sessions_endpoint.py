@@ -16,16 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from livekit.agents import AgentServer, JobContext
-from livekit.plugins.session_guard import (
-    STATE_DIR_ENV,
-    SessionGuard,
-    SessionGuardServer,
-    SessionsEndpointMixin,
-    install_sessions_endpoint,
-    read_state_dir,
-)
-from livekit.plugins.session_guard.state_dir import process_start_time
+from livekit.agents import JobContext
+from livekit.plugins.session_guard import SessionGuard
+from livekit.plugins.session_guard.server import SessionGuardServer
+from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV, process_start_time, read_state_dir
 
 from .fakes import HANGUP, FakeRoom, fast_options, settle, wait_for
 
@@ -122,7 +116,6 @@ def test_sigkilled_job_process_keeps_totals_and_drops_sessions(tmp_path: Path) -
     child = textwrap.dedent(
         f"""
         import asyncio, sys
-        sys.path.insert(0, {str(REPO)!r})
         from tests.unit.session_guard.fakes import FakeRoom, fast_options, HANGUP
         from livekit.plugins.session_guard import SessionGuard
 
@@ -161,21 +154,25 @@ async def _entrypoint(ctx: JobContext) -> None:  # never called: no job is dispa
     pass
 
 
-async def serve_and_get(server: AgentServer) -> tuple[dict[str, Any], str]:
+async def serve_and_get(server: SessionGuardServer) -> tuple[dict[str, Any], str, tuple[int, dict[str, Any]]]:
+    """Run the worker unregistered (no livekit-server), GET /sessions, / and /ready, close it."""
     server.rtc_session(_entrypoint)
     started = asyncio.Event()
     server.on("worker_started", lambda: started.set())
     run = asyncio.create_task(server.run(devmode=True, unregistered=True))
     try:
         await asyncio.wait_for(started.wait(), 20)
-        port = server._http_server.port if server._http_server else 0
+        port = server.health_port
+        assert port, "the health server listens"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/sessions") as resp:
                 assert resp.status == 200
                 doc = await resp.json()
             async with http.get(f"http://127.0.0.1:{port}/") as resp:
                 health = await resp.text()
-        return doc, health
+            async with http.get(f"http://127.0.0.1:{port}/ready") as resp:
+                ready = (resp.status, await resp.json())
+        return doc, health, ready
     finally:
         await server.aclose()
         await asyncio.wait_for(run, 10)
@@ -184,18 +181,15 @@ async def serve_and_get(server: AgentServer) -> tuple[dict[str, Any], str]:
 async def test_agent_server_subclass_serves_sessions(tmp_path: Path) -> None:
     write_job_file(tmp_path, os.getpid(), process_start_time(), "AJ_x", ["alice"], started=1)
     server = SessionGuardServer(host="127.0.0.1", port=0, num_idle_processes=0, sessions_state_dir=tmp_path)
-    doc, health = await serve_and_get(server)
+    doc, health, _ = await serve_and_get(server)
     assert health == "OK"
     assert doc["active"] == 1 and doc["sessions"][0]["identity"] == "alice"
     assert doc["state_dir"] == str(tmp_path) and os.environ.get(STATE_DIR_ENV) == str(tmp_path)
 
 
-async def test_install_on_an_existing_agent_server_uses_a_fresh_state_dir() -> None:
-    server = AgentServer(host="127.0.0.1", port=0, num_idle_processes=0)
-    endpoint = install_sessions_endpoint(server)
-    assert isinstance(server, AgentServer) and not isinstance(server, SessionsEndpointMixin)
-    assert install_sessions_endpoint(server) is endpoint
-    doc, _ = await serve_and_get(server)
+async def test_without_a_state_dir_the_worker_uses_a_fresh_one_and_removes_it() -> None:
+    server = SessionGuardServer(host="127.0.0.1", port=0, num_idle_processes=0)
+    doc, _, _ = await serve_and_get(server)
     assert doc["active"] == 0 and doc["totals"]["started"] == 0
     state_dir = doc["state_dir"]
     assert os.path.basename(state_dir).startswith("session-guard-")
@@ -205,8 +199,20 @@ async def test_install_on_an_existing_agent_server_uses_a_fresh_state_dir() -> N
     assert STATE_DIR_ENV not in os.environ
 
 
+async def test_ready_is_503_while_the_worker_is_not_registered(tmp_path: Path) -> None:
+    server = SessionGuardServer(host="127.0.0.1", port=0, num_idle_processes=0, sessions_state_dir=tmp_path)
+    _, health, (status, body) = await serve_and_get(server)
+    assert health == "OK", "liveness (/) is the framework's, unchanged"
+    assert status == 503 and body["ready"] is False
+    assert body["reason"] == "not registered with livekit-server yet"
+
+
 def test_max_jobs_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_jobs must be >= 1"):
         SessionGuardServer(port=0, max_jobs=0, sessions_state_dir=tmp_path)
-    with pytest.raises(ValueError, match="one or the other"):
+    with pytest.raises(ValueError, match="pass max_jobs or load_fnc"):
         SessionGuardServer(port=0, max_jobs=2, load_fnc=lambda: 0.0, sessions_state_dir=tmp_path)
+    with pytest.raises(ValueError, match="pass max_jobs or load_threshold"):
+        SessionGuardServer(port=0, max_jobs=2, load_threshold=0.5, sessions_state_dir=tmp_path)
+    with pytest.raises(ValueError, match="target_load"):
+        SessionGuardServer(port=0, max_jobs=2, target_load=0.0, sessions_state_dir=tmp_path)

@@ -273,11 +273,11 @@ async def test_wrong_method_or_path(client: Client, method: str, path: str, stat
 
 def _forge(ticket: str, **changes: Any) -> str:
     """The ticket with its payload changed and the original signature kept."""
-    version, payload, sig = ticket.split(".")
+    header, payload, sig = ticket.split(".")
     claims_ = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     claims_.update(changes)
     new = base64.urlsafe_b64encode(json.dumps(claims_, separators=(",", ":")).encode()).rstrip(b"=").decode()
-    return f"{version}.{new}.{sig}"
+    return f"{header}.{new}.{sig}"
 
 
 async def test_a_ticket_cannot_be_pointed_at_another_room_or_identity(client: Client) -> None:
@@ -294,6 +294,10 @@ async def test_a_ticket_cannot_be_pointed_at_another_room_or_identity(client: Cl
     # Signed with another key (e.g. another deployment's secret): refused too.
     other = tickets.issue(b"k" * 32, room=theirs["room"], identity=theirs["identity"], agent=ADA.id, ttl=60)
     await error(await token(client, {"resume": other}), 403, "invalid_ticket")
+    # An unsigned JWT (`alg: none`) naming their room and identity: refused before any claim is used.
+    header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    unsigned = _forge(mine["resume"], room=theirs["room"], identity=theirs["identity"]).split(".")[1]
+    await error(await token(client, {"resume": f"{header}.{unsigned}."}), 403, "invalid_ticket")
     # A genuine ticket of another room leads to that room only; no field can redirect it.
     r = await token(client, {"resume": mine["resume"], "identity": theirs["identity"]})
     await error(r, 409, "ticket_mismatch")
@@ -329,12 +333,65 @@ async def test_ticket_secret_can_be_configured(make_client: MakeClient) -> None:
 async def test_rate_limit_answers_429_with_retry_after(make_client: MakeClient) -> None:
     c = await make_client(SG_WEB_RATE_LIMIT="6", SG_WEB_RATE_BURST="3")
     for _ in range(3):
-        assert (await c.get("/api/agents")).status == 200
+        assert (await token(c, {"agent": ADA.id})).status == 200
     r = await c.post("/api/token", json={"agent": ADA.id})
     await error(r, 429, "rate_limited")
     assert int(r.headers["Retry-After"]) >= 1
-    # The page itself is not rate limited.
+    await error(await c.post("/api/ticket", json={"resume": "x"}), 429, "rate_limited")
+    # The page itself is not rate limited; neither is health (a load balancer polls it) nor, in this bucket, the
+    # agent list: a burst of token requests once made GET /api/health answer 429.
     assert (await c.get("/")).status == 200
+    for _ in range(10):
+        assert (await c.get("/api/health")).status == 503  # the stack is down here: 503, not 429
+    for _ in range(3):
+        assert (await c.get("/api/agents")).status == 200
+    # The agent list has a bucket of its own.
+    await error(await c.get("/api/agents"), 429, "rate_limited")
+
+
+async def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(make_client: MakeClient) -> None:
+    c = await make_client(SG_WEB_RATE_LIMIT="6", SG_WEB_RATE_BURST="2")
+    for i in range(2):
+        assert (await token(c, {"agent": ADA.id}, headers={"X-Forwarded-For": f"203.0.113.{i}"})).status == 200
+    # A new made-up address per request does not buy a new bucket.
+    r = await token(c, {"agent": ADA.id}, headers={"X-Forwarded-For": "203.0.113.99"})
+    await error(r, 429, "rate_limited")
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_bucket(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test client connects from 127.0.0.1: that is the proxy here.
+    c = await make_client(SG_WEB_RATE_LIMIT="6", SG_WEB_RATE_BURST="2", SG_TRUSTED_PROXIES="10.9.9.9, 127.0.0.1")
+    alice = {"X-Forwarded-For": "6.6.6.6, 198.51.100.1"}  # what alice made up, then what the proxy saw
+    bob = {"X-Forwarded-For": "198.51.100.2"}
+    with caplog.at_level("INFO", logger="sgapp.web"):
+        for _ in range(2):
+            assert (await token(c, {"agent": ADA.id}, headers=alice)).status == 200
+    await error(await token(c, {"agent": ADA.id}, headers=alice), 429, "rate_limited")
+    # Alice's made-up leftmost entry is not read: changing it does not help her.
+    await error(await token(c, {"agent": ADA.id}, headers={"X-Forwarded-For": "7.7.7.7, 198.51.100.1"}), 429)
+    assert (await token(c, {"agent": ADA.id}, headers=bob)).status == 200
+    assert (await token(c, {"agent": ADA.id})).status == 200, "the proxy's own requests: the proxy's bucket"
+    assert "client 198.51.100.1" in caplog.text and "6.6.6.6" not in caplog.text
+
+
+async def test_a_page_served_over_https_never_gets_a_ws_url(make_client: MakeClient) -> None:
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.1"}
+    behind = await make_client(SG_TRUSTED_PROXIES="127.0.0.1")
+    body = await error(await token(behind, {"agent": ADA.id}, headers=https), 503, "insecure_livekit_url")
+    assert "SG_PUBLIC_LIVEKIT_URL" in body["error"]
+    # Over plain http (the proxy says so, or no proxy at all) the ws:// URL is fine.
+    plain = await token(behind, {"agent": ADA.id}, headers={"X-Forwarded-Proto": "http"})
+    assert (await plain.json())["url"] == "ws://127.0.0.1:1"
+    # A proto header from a peer that is not a listed proxy is ignored.
+    direct = await make_client()
+    assert (await (await token(direct, {"agent": ADA.id}, headers=https)).json())["url"] == "ws://127.0.0.1:1"
+    # With the public URL set, the page gets wss://, and the CSP allows exactly that origin.
+    public = await make_client(SG_TRUSTED_PROXIES="127.0.0.1", SG_PUBLIC_LIVEKIT_URL="wss://sg.example.com")
+    r = await token(public, {"agent": ADA.id}, headers=https)
+    assert (await r.json())["url"] == "wss://sg.example.com"
+    assert "connect-src 'self' wss://sg.example.com https://sg.example.com" in r.headers["Content-Security-Policy"]
 
 
 async def test_security_headers(client: Client) -> None:
@@ -373,7 +430,11 @@ async def test_health_when_the_stack_is_down_is_a_503_json(client: Client) -> No
 
 def test_web_settings_defaults_and_errors() -> None:
     s = web_settings()
-    assert s.agent_allowlist == () and s.ticket_ttl == 40.0 and s.token_ttl == 120.0
+    assert s.agent_allowlist == () and s.ticket_ttl == 40.0 and s.token_ttl == 120.0 and s.trusted_proxies == ()
+    assert [str(n) for n in web_settings(SG_TRUSTED_PROXIES=" 10.0.0.1, fd00::/8 ,").trusted_proxies] == [
+        "10.0.0.1/32",
+        "fd00::/8",
+    ]
     assert s.ticket_secret == tickets.derive_secret(SECRET) and SECRET.encode() not in s.ticket_secret
     s = web_settings(SG_AGENT_ALLOWLIST=f" {ADA.id}, bob ,, ", SG_RESUME_MARGIN="5")
     assert s.agent_allowlist == (ADA.id, "bob") and s.ticket_ttl == 15.0
@@ -385,6 +446,8 @@ def test_web_settings_defaults_and_errors() -> None:
         {"SG_TOKEN_TTL": "1"},
         {"SG_WEB_RATE_LIMIT": "lots"},
         {"SG_PUBLIC_LIVEKIT_URL": "ftp://x"},
+        {"SG_TRUSTED_PROXIES": "10.0.0.1,caddy"},
+        {"SG_TRUSTED_PROXIES": "10.0.0.1/33"},
     ):
         with pytest.raises(ConfigError):
             web_settings(**bad)

@@ -1,5 +1,6 @@
-"""Every request to Letta goes through `bounded`: the HTTP client's own timeout plus an asyncio bound, and errors
-sorted into "config" (retrying will not help) and "unavailable" (retry later)."""
+"""Every request to Letta goes through `bounded`: the HTTP client's own timeout plus an asyncio bound, and the SDK's
+errors sorted by `translate` (the one place that maps them) into "config" (retrying will not help), "unavailable"
+(retry later) and the refusals a caller judges."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import TypeVar
 
 from letta_client import APIConnectionError, APIStatusError, APITimeoutError
 
-from .errors import LettaConfigError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
+from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
 
-__all__ = ["bounded", "error_kind", "is_busy", "is_not_found", "short_detail"]
+__all__ = ["bounded", "error_kind", "is_busy", "is_not_found", "short_detail", "translate"]
 
 T = TypeVar("T")
 
@@ -55,28 +56,38 @@ def is_busy(e: BaseException) -> bool:
     return "being processed" in text or "conversation_busy" in text or "busy" in text
 
 
-async def bounded(what: str, base_url: str, call: Callable[[float], Awaitable[T]], timeout: float) -> T:
-    """Run `call(timeout)` (it passes `timeout` to the SDK) within `timeout` seconds.
+def translate(e: BaseException, what: str, base_url: str, timeout: float | None = None) -> LettaError | None:
+    """The one mapping of the SDK's errors to this plugin's: no answer, no connection, 5xx and 429 are
+    `LettaUnavailableError` (retry later); 401/403 `LettaConfigError` (retrying will not help); an error event
+    inside a 200 stream is a `LettaTurnError`. None for the other refusals (404, 409, 422...): the caller judges
+    those (`is_not_found`, `is_busy`)."""
+    if isinstance(e, (TimeoutError, APITimeoutError)):
+        within = f" within {timeout:.1f} s" if timeout is not None else ""
+        return LettaUnavailableError(f"{what}: no answer from Letta at {base_url}{within}")
+    if isinstance(e, APIConnectionError):
+        return LettaUnavailableError(f"{what}: cannot reach Letta at {base_url}: {short_detail(e.__cause__ or e)}")
+    if not isinstance(e, APIStatusError):
+        return None
+    if e.status_code < 400:  # an `event: error` inside a 200 stream (e.g. the model provider gave up)
+        return LettaTurnError(f"{what}: Letta error in the stream: {short_detail(e)}")
+    if e.status_code >= 500 or e.status_code == 429:
+        return LettaUnavailableError(f"{what}: Letta answered {e.status_code}: {short_detail(e)}")
+    if e.status_code in (401, 403):
+        return LettaConfigError(
+            f"{what}: Letta at {base_url} refused the credentials ({e.status_code}: {short_detail(e)}); "
+            "check LETTA_API_KEY"
+        )
+    return None
 
-    Raises LettaUnavailableError for no answer / connection errors / 5xx / 429, LettaConfigError for 401 and 403;
-    other status errors (404, 409, 422...) propagate unchanged for the caller to judge.
-    """
+
+async def bounded(what: str, base_url: str, call: Callable[[float], Awaitable[T]], timeout: float) -> T:
+    """Run `call(timeout)` (it passes `timeout` to the SDK) within `timeout` seconds; errors as `translate` says
+    (the refusals it leaves alone propagate unchanged)."""
     try:
         async with asyncio.timeout(timeout):
             return await call(timeout)
-    except TimeoutError:
-        raise LettaUnavailableError(f"{what}: no answer from Letta at {base_url} within {timeout:.1f} s") from None
-    except APITimeoutError:
-        raise LettaUnavailableError(f"{what}: no answer from Letta at {base_url} within {timeout:.1f} s") from None
-    except APIConnectionError as e:
-        cause = e.__cause__ or e
-        raise LettaUnavailableError(f"{what}: cannot reach Letta at {base_url}: {short_detail(cause)}") from e
-    except APIStatusError as e:
-        if e.status_code >= 500 or e.status_code == 429:
-            raise LettaUnavailableError(f"{what}: Letta answered {e.status_code}: {short_detail(e)}") from e
-        if e.status_code in (401, 403):
-            raise LettaConfigError(
-                f"{what}: Letta at {base_url} refused the credentials ({e.status_code}: {short_detail(e)}); "
-                "check LETTA_API_KEY"
-            ) from e
-        raise
+    except (TimeoutError, APIConnectionError, APIStatusError) as e:
+        err = translate(e, what, base_url, timeout)
+        if err is None:
+            raise
+        raise err from (None if isinstance(e, (TimeoutError, APITimeoutError)) else e)

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
-from letta_client import AsyncLetta
-from livekit.plugins.session_guard import TaskScope
+from letta_client import APIStatusError, AsyncLetta, omit
 
 from . import _logfmt as lf
 from ._calls import bounded, error_kind, is_not_found
+from ._scope import TaskOwner
 from .cache import BlockCache, MemoryBlock
 from .errors import LettaUnavailableError
 from .options import LettaOptions
@@ -65,7 +65,7 @@ class LettaBackend:
         client: AsyncLetta,
         options: LettaOptions,
         *,
-        scope: TaskScope,
+        scope: TaskOwner,
         cache: BlockCache | None = None,
         metrics: LettaMetricsSink | None = None,
     ) -> None:
@@ -143,6 +143,29 @@ class LettaBackend:
             op="blocks_list",
         )
         return [MemoryBlock.from_sdk(b) for b in page.items]
+
+    async def cancel_runs(self, agent_id: str, conversation_id: str | None = None, run_id: str | None = None) -> None:
+        """Cancel what runs in a conversation (`conversations.cancel`: the cut turn leaves no message), or without
+        one in the agent's own history (`run_id`: only that run). Done when nothing runs: 409 "no active runs" and
+        404 (gone) are not errors."""
+        try:
+            if conversation_id is not None:
+                await self.call(
+                    f"cancelling runs of conversation {conversation_id}",
+                    lambda t: self.client.conversations.cancel(conversation_id, timeout=t),
+                    op="run_cancel",
+                )
+            else:
+                await self.call(
+                    f"cancelling runs of agent {agent_id}",
+                    lambda t: self.client.agents.messages.cancel(
+                        agent_id, run_ids=[run_id] if run_id else omit, timeout=t
+                    ),
+                    op="run_cancel",
+                )
+        except APIStatusError as e:
+            if e.status_code not in (404, 409):
+                raise
 
     # -- capabilities
 

@@ -1,4 +1,5 @@
-"""One voice session's side of Letta: its own conversation over the agent's shared memory blocks.
+"""One Letta conversation over the agent's shared memory blocks: what a `letta.LLM` talks in (standalone, or a
+guarded voice session's own).
 
 - **Created lazily, off the hot path.** `prefetch()` starts creating the conversation in the job's scope (so a
   create already sent is never cut off and lost: if the session ended meanwhile, its retirement waits for it), and
@@ -22,17 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from letta_client import APIConnectionError, APIStatusError, omit
-from livekit.plugins.session_guard import ScopeClosedError, TaskScope
 
 from . import _logfmt as lf
-from ._calls import is_busy, is_not_found, short_detail
+from ._calls import is_busy, is_not_found, short_detail, translate
+from ._scope import TaskOwner
 from .backend import LettaBackend
 from .cache import BlockSnapshot
 from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
@@ -40,7 +41,7 @@ from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnEr
 if TYPE_CHECKING:
     from .journal import JournalHandle
 
-__all__ = ["READ_ONLY_TOOLS", "ConversationMode", "LettaConversation", "TurnResult"]
+__all__ = ["READ_ONLY_TOOLS", "ConversationMode", "LettaConversation", "TurnEnd", "TurnOutcome", "TurnStage"]
 
 READ_ONLY_TOOLS = frozenset(
     {
@@ -66,14 +67,100 @@ class ConversationMode(Enum):
     """The agent's own history (no conversations API): leased, reset at start and end."""
 
 
+class TurnEnd(Enum):
+    COMPLETED = "completed"
+    CUT = "cut"
+    """Cancelled by the caller: the user interrupted or left, another tab took over. Not a failure."""
+    FAILED = "failed"
+
+
+class TurnStage(IntEnum):
+    """How far a turn got; with `TurnEnd` it decides what the turn leaves to do."""
+
+    QUEUED = 0
+    """Waiting for the previous turn of the conversation: holds nothing."""
+    PREPARING = 1
+    """Holds the conversation (settling a cut run, creating, a memory check); nothing sent, or refused."""
+    SENT = 2
+    """The message may have reached Letta and not been answered in full: a run may still be going on."""
+    ANSWERED = 3
+    """The reply streamed to its end."""
+
+
 @dataclass(frozen=True)
-class TurnResult:
+class TurnOutcome:
+    """What a turn came to: returned by a completed turn, and what its cleanup is decided from."""
+
+    end: TurnEnd
+    stage: TurnStage
     text: str
     run_id: str | None
     first_token_s: float | None
     total_s: float
     memory_changed: bool
+    """A tool not known to be read-only returned successfully: the agent's blocks may have changed."""
     recompiled: bool
+    """The conversation was recompiled before this turn (the blocks had changed)."""
+    error: BaseException | None = None
+
+
+@dataclass
+class _Turn:
+    """A turn's progress while it runs (one owner: `run_turn`); `outcome()` freezes it."""
+
+    started: float
+    stage: TurnStage = TurnStage.QUEUED
+    run_id: str | None = None
+    first_at: float | None = None
+    memory_changed: bool = False
+    recompiled: bool = False
+    pieces: list[str] = field(default_factory=list)
+    tools: dict[str, str] = field(default_factory=dict)
+
+    def take(
+        self, event: Any, on_text: Callable[[str], None], on_usage: Callable[[Any], None] | None, now: float
+    ) -> bool:
+        """One event of Letta's stream; True for the first spoken token. Raises LettaTurnError for an error or a
+        cancelled run in the stream."""
+        kind = getattr(event, "message_type", None)
+        self.run_id = self.run_id or getattr(event, "run_id", None)
+        if kind == "assistant_message":
+            piece = _content_text(getattr(event, "content", None))
+            if not piece:
+                return False
+            first = self.first_at is None
+            if first:
+                self.first_at = now
+            self.pieces.append(piece)
+            on_text(piece)
+            return first
+        if kind == "tool_call_message":
+            _note_tool_call(event, self.tools)
+        elif kind == "tool_return_message":
+            name = getattr(event, "name", None) or self.tools.get(getattr(event, "tool_call_id", ""))
+            if getattr(event, "status", None) == "success" and name not in READ_ONLY_TOOLS:
+                self.memory_changed = True
+        elif kind == "usage_statistics":
+            if on_usage is not None:
+                on_usage(event)
+        elif kind == "error_message":
+            raise LettaTurnError(f"Letta error ({getattr(event, 'error_type', '?')}): {getattr(event, 'message', '')}")
+        elif kind == "stop_reason" and getattr(event, "stop_reason", None) == "cancelled":
+            raise LettaTurnError("the Letta run was cancelled")
+        return False
+
+    def outcome(self, end: TurnEnd, now: float, error: BaseException | None = None) -> TurnOutcome:
+        return TurnOutcome(
+            end=end,
+            stage=self.stage,
+            text="".join(self.pieces),
+            run_id=self.run_id,
+            first_token_s=None if self.first_at is None else self.first_at - self.started,
+            total_s=now - self.started,
+            memory_changed=self.memory_changed,
+            recompiled=self.recompiled,
+            error=error,
+        )
 
 
 class LettaConversation:
@@ -83,13 +170,14 @@ class LettaConversation:
         agent_id: str,
         *,
         conversation_id: str | None = None,
-        scope: TaskScope | None = None,
+        scope: TaskOwner | None = None,
         room: str = "",
         identity: str = "",
-        on_created: Callable[[LettaConversation], None] | None = None,
+        on_created: Callable[[LettaConversation], Awaitable[None]] | None = None,
     ) -> None:
-        """`scope`: where background work of this session runs (settling a cut run, a recompile after an edit);
-        the session's scope. `on_created` is called once the conversation exists (journaling)."""
+        """`scope`: where background work of this conversation runs (settling a cut run, a recompile after an
+        edit): a guarded session's scope, else the backend's. `on_created` is awaited once the conversation exists
+        (journaling; its failure is logged, the conversation goes on)."""
         self.backend = backend
         self.agent_id = agent_id
         self.room = room
@@ -170,16 +258,15 @@ class LettaConversation:
         """Start creating the conversation (and warming the block cache) in the background; never raises."""
         if self._retired or self.ready:
             return
-        if self._mode is ConversationMode.AGENT:
-            return  # the lease is taken by the first turn, not ahead of it
-        try:
-            self._start_create()
-        except ScopeClosedError:
-            pass
+        if self._mode is ConversationMode.AGENT or self.backend.scope.closed:
+            return  # without conversations the lease is taken by the first turn, not ahead of it
+        self._start_create()
 
     def _start_create(self) -> asyncio.Task[None]:
         task = self._create_task
         if task is None or (task.done() and self._conversation_id is None and self._mode is not ConversationMode.AGENT):
+            if self.backend.scope.closed:
+                raise LettaTurnError("the Letta plugin is closed: no new conversation")
             self._create_error = None
             task = self._create_task = self.backend.spawn(self._create(), f"create-conversation:{self.identity}")
         return task
@@ -218,13 +305,17 @@ class LettaConversation:
             self.created_at = time.time()
             b.stats.conversations_created += 1
             lf.info("conversation created", **self._fields())
-            if self._on_created is not None:
-                self._on_created(self)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self._create_error = e
             lf.warning("could not create the session's conversation yet", error=str(e), **self._fields())
+            return
+        if self._on_created is not None:
+            try:
+                await self._on_created(self)
+            except Exception as e:  # journaling is best effort: the session goes on
+                lf.error("after creating the conversation", exc=e, **self._fields())
 
     async def wait_created(self) -> None:
         """Wait for a create already under way (for a retirement: what was sent must be retired too)."""
@@ -281,10 +372,8 @@ class LettaConversation:
             return
         if b.cache.is_fresh(self.agent_id, max_age) or (self._memory_check and not self._memory_check.done()):
             return
-        try:
+        if not self._scope.closed:
             self._memory_check = self._scope.spawn(self._check_memory(max_age), name="letta-memory-check")
-        except ScopeClosedError:
-            pass
 
     async def _check_memory(self, max_age: float) -> None:
         try:
@@ -341,148 +430,120 @@ class LettaConversation:
         on_text: Callable[[str], None],
         *,
         on_usage: Callable[[Any], None] | None = None,
-    ) -> TurnResult:
+    ) -> TurnOutcome:
         """Send `text`, call `on_text` with each piece of the assistant's reply as it streams. Raises
         LettaTimeoutError, LettaUnavailableError, LettaConfigError or LettaTurnError."""
-        b = self.backend
-        opts = b.options.turn
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        b.stats.turns += 1
+        turn = _Turn(loop.time())
+        self.backend.stats.turns += 1
         self.turns += 1
-        first_at: float | None = None
-        run_id: str | None = None
-        stream: Any = None
-        sent = completed = acquired = handed_off = cut = False
-        memory_changed = recompiled = False
-        tool_names: dict[str, str] = {}
-        pieces: list[str] = []
-        failure: Exception | None = None
+        end, error = TurnEnd.FAILED, None
         try:
-            try:
-                async with asyncio.timeout_at(t0 + min(opts.first_token_timeout, opts.total_timeout)) as deadline:
-                    await self._lock.acquire()
-                    acquired = True
-                    if self._needs_settle:
-                        await self._settle()
-                    await self.ensure()
-                    recompiled = await self._refresh_memory()
-                    sent = True
-                    try:
-                        stream = await self._send(text)
-                    except APIStatusError as e:
-                        if 400 <= e.status_code < 500:
-                            sent = False  # refused: nothing reached the agent
-                        raise
-                    except APIConnectionError as e:
-                        if isinstance(e.__cause__, httpx.ConnectError):
-                            sent = False  # no connection: nothing was sent
-                        raise
-                    async for event in stream:
-                        kind = getattr(event, "message_type", None)
-                        run_id = run_id or getattr(event, "run_id", None)
-                        if kind == "assistant_message":
-                            piece = _content_text(getattr(event, "content", None))
-                            if not piece:
-                                continue
-                            if first_at is None:
-                                first_at = loop.time()
-                                deadline.reschedule(t0 + opts.total_timeout)
-                            pieces.append(piece)
-                            on_text(piece)
-                        elif kind == "tool_call_message":
-                            _note_tool_call(event, tool_names)
-                        elif kind == "tool_return_message":
-                            name = getattr(event, "name", None) or tool_names.get(getattr(event, "tool_call_id", ""))
-                            if getattr(event, "status", None) == "success" and name not in READ_ONLY_TOOLS:
-                                memory_changed = True
-                        elif kind == "usage_statistics":
-                            if on_usage is not None:
-                                on_usage(event)
-                        elif kind == "error_message":
-                            raise LettaTurnError(
-                                f"Letta error ({getattr(event, 'error_type', '?')}): {getattr(event, 'message', '')}"
-                            )
-                        elif kind == "stop_reason" and getattr(event, "stop_reason", None) == "cancelled":
-                            raise LettaTurnError("the Letta run was cancelled")
-                    completed = True
-            except TimeoutError:
-                if not acquired:
-                    raise LettaTimeoutError(
-                        f"Letta first token timed out after {opts.first_token_timeout:.1f} s "
-                        "(waiting for the previous turn of this conversation)"
-                    ) from None
-                phase = "first token" if first_at is None else "reply"
-                bound = opts.first_token_timeout if first_at is None else opts.total_timeout
-                raise LettaTimeoutError(f"Letta {phase} timed out after {bound:.1f} s") from None
-            except APIStatusError as e:
-                if e.status_code < 400:
-                    # an `event: error` inside a 200 stream (the run failed, e.g. the model provider gave up)
-                    raise LettaTurnError(f"Letta error in the stream: {short_detail(e)}") from e
-                if is_not_found(e):
-                    raise LettaTurnError(
-                        f"Letta no longer has conversation {self._conversation_id}", status_code=404
-                    ) from e
-                if e.status_code >= 500 or e.status_code == 429:
-                    b.note_unreachable()
-                    raise LettaUnavailableError(f"Letta answered {e.status_code}: {short_detail(e)}") from e
-                raise LettaTurnError(
-                    f"Letta answered {e.status_code}: {short_detail(e)}", status_code=e.status_code
-                ) from e
-            except APIConnectionError as e:
-                b.note_unreachable()
-                raise LettaUnavailableError(
-                    f"cannot reach Letta at {b.base_url}: {short_detail(e.__cause__ or e)}"
-                ) from e
+            await self._run(turn, text, on_text, on_usage)
+            end = TurnEnd.COMPLETED
         except asyncio.CancelledError:
-            cut = True  # the user interrupted or left: not a failure
-            if sent and not completed:
-                b.stats.interrupted_turns += 1
+            end = TurnEnd.CUT  # the user interrupted or left: not a failure
             raise
         except Exception as e:
-            failure = e
+            error = e
             raise
         finally:
-            if stream is not None:
-                await _close_quietly(stream)
-            if acquired and sent and not completed:
-                # The run may still be going on in Letta: settle it before the next turn, holding the lock.
-                self._needs_settle = True
-                self._cut_run = run_id
-                handed_off = self._hand_off(self._settle(), "settle")
-            if memory_changed:
-                b.cache.invalidate(self.agent_id, why="a memory tool ran")
-                if completed and not handed_off:
-                    handed_off = self._hand_off(self._refresh_memory(), "recompile")
-            if acquired and not handed_off:
-                self._lock.release()
-            if not completed and not cut:
-                b.stats.turn_errors += 1
-            if first_at is not None:
-                b.observe_first_token(first_at - t0)
-            if completed or failure is not None:
-                b.observe("turn", loop.time() - t0, None if completed else failure)
-            lf.debug(
-                "turn",
-                first_token_ms=round((first_at - t0) * 1000) if first_at is not None else None,
-                total_ms=round((loop.time() - t0) * 1000),
-                run_id=run_id,
-                completed=completed,
-                memory_changed=memory_changed,
-                **self._fields(),
-            )
-        if completed:
-            b.note_reachable()
-            if not pieces:
-                lf.warning("Letta's reply had no text to speak", run_id=run_id, **self._fields())
-        return TurnResult(
-            text="".join(pieces),
-            run_id=run_id,
-            first_token_s=(first_at - t0) if first_at is not None else None,
-            total_s=loop.time() - t0,
-            memory_changed=memory_changed,
-            recompiled=recompiled,
+            outcome = turn.outcome(end, loop.time(), error)
+            self._after_turn(outcome)
+        return outcome
+
+    async def _run(
+        self, turn: _Turn, text: str, on_text: Callable[[str], None], on_usage: Callable[[Any], None] | None
+    ) -> None:
+        """The turn itself; `turn` records how far it got, whatever ends it."""
+        opts = self.backend.options.turn
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(turn.started + min(opts.first_token_timeout, opts.total_timeout)) as bound:
+                await self._lock.acquire()
+                turn.stage = TurnStage.PREPARING
+                if self._needs_settle:
+                    await self._settle()
+                await self.ensure()
+                turn.recompiled = await self._refresh_memory()
+                turn.stage = TurnStage.SENT  # from here on a run may be going on in Letta
+                try:
+                    stream = await self._send(text)
+                except APIStatusError as e:
+                    if 400 <= e.status_code < 500:
+                        turn.stage = TurnStage.PREPARING  # refused: nothing reached the agent
+                    raise
+                except APIConnectionError as e:
+                    if isinstance(e.__cause__, httpx.ConnectError):
+                        turn.stage = TurnStage.PREPARING  # no connection: nothing was sent
+                    raise
+                try:
+                    async for event in stream:
+                        if turn.take(event, on_text, on_usage, loop.time()):  # the first spoken token
+                            bound.reschedule(turn.started + opts.total_timeout)
+                finally:
+                    await _close_quietly(stream)
+                turn.stage = TurnStage.ANSWERED
+        except TimeoutError:
+            if turn.stage is TurnStage.QUEUED:
+                raise LettaTimeoutError(
+                    f"Letta first token timed out after {opts.first_token_timeout:.1f} s "
+                    "(waiting for the previous turn of this conversation)"
+                ) from None
+            if turn.first_at is None:
+                raise LettaTimeoutError(f"Letta first token timed out after {opts.first_token_timeout:.1f} s") from None
+            raise LettaTimeoutError(f"Letta reply timed out after {opts.total_timeout:.1f} s") from None
+        except (APIStatusError, APIConnectionError) as e:
+            raise self._turn_error(e) from e
+
+    def _turn_error(self, e: APIStatusError | APIConnectionError) -> LettaError:
+        b = self.backend
+        if is_not_found(e):
+            return LettaTurnError(f"Letta no longer has conversation {self._conversation_id}", status_code=404)
+        err = translate(e, "a turn", b.base_url)
+        if err is None:
+            assert isinstance(e, APIStatusError)
+            err = LettaTurnError(f"Letta answered {e.status_code}: {short_detail(e)}", status_code=e.status_code)
+        if isinstance(err, LettaUnavailableError):
+            b.note_unreachable()
+        return err
+
+    def _after_turn(self, o: TurnOutcome) -> None:
+        """Pass the conversation on, count and log. A run that may still go on is settled (cancelled and waited
+        for) before the next turn; a memory edit is recompiled after it: both hold the conversation meanwhile."""
+        b = self.backend
+        then: Callable[[], Coroutine[Any, Any, Any]] | None = None
+        if o.stage is TurnStage.SENT:
+            self._needs_settle, self._cut_run = True, o.run_id
+            then = self._settle
+            if o.end is TurnEnd.CUT:
+                b.stats.interrupted_turns += 1
+        if o.memory_changed:
+            b.cache.invalidate(self.agent_id, why="a memory tool ran")
+            if o.end is TurnEnd.COMPLETED:
+                then = self._refresh_memory
+        if o.stage is not TurnStage.QUEUED and not (then is not None and self._hand_off(then(), then.__name__)):
+            self._lock.release()
+        if o.end is TurnEnd.FAILED:
+            b.stats.turn_errors += 1
+        if o.first_token_s is not None:
+            b.observe_first_token(o.first_token_s)
+        if o.end is TurnEnd.COMPLETED or o.error is not None:  # a cut turn is not a request outcome
+            b.observe("turn", o.total_s, o.error)
+        lf.debug(
+            "turn",
+            end=o.end.value,
+            stage=o.stage.name.lower(),
+            first_token_ms=round(o.first_token_s * 1000) if o.first_token_s is not None else None,
+            total_ms=round(o.total_s * 1000),
+            run_id=o.run_id,
+            memory_changed=o.memory_changed,
+            **self._fields(),
         )
+        if o.end is TurnEnd.COMPLETED:
+            b.note_reachable()
+            if not o.text:
+                lf.warning("Letta's reply had no text to speak", run_id=o.run_id, **self._fields())
 
     async def _send(self, text: str) -> Any:
         b = self.backend
@@ -513,10 +574,10 @@ class LettaConversation:
     def _hand_off(self, coro: Coroutine[Any, Any, Any], what: str) -> bool:
         """Run `coro` in the session's scope while it keeps the turn lock; the lock is released when that task
         ends in any way (even cancelled before it started). False: the scope is closed (caller releases)."""
-        try:
-            task = self._scope.spawn(coro, name=f"letta-{what}:{self.identity or self.agent_id}")
-        except ScopeClosedError:
+        if self._scope.closed:
+            coro.close()
             return False
+        task = self._scope.spawn(coro, name=f"letta{what.replace('_', '-')}:{self.identity or self.agent_id}")
         task.add_done_callback(lambda _t: self._lock.release())
         return True
 
@@ -529,8 +590,10 @@ class LettaConversation:
         status = "unknown"
         try:
             async with asyncio.timeout(b.options.settle_timeout):
-                if b.options.cancel_interrupted_runs:
-                    await self._cancel_runs(run)
+                if b.options.cancel_interrupted_runs and self._mode is ConversationMode.AGENT:
+                    await b.cancel_runs(self.agent_id, run_id=run)
+                elif b.options.cancel_interrupted_runs and self._conversation_id is not None:
+                    await b.cancel_runs(self.agent_id, self._conversation_id)
                 if run is not None:
                     status = await self._wait_run(run)
             lf.info(
@@ -551,26 +614,6 @@ class LettaConversation:
         self._needs_settle = False
         self._cut_run = None
         b.cache.invalidate(self.agent_id, why="a cut run")
-
-    async def _cancel_runs(self, run: str | None) -> None:
-        b = self.backend
-        try:
-            if self._mode is ConversationMode.AGENT:
-                await b.call(
-                    f"cancelling runs of agent {self.agent_id}",
-                    lambda t: b.client.agents.messages.cancel(self.agent_id, run_ids=[run] if run else omit, timeout=t),
-                    op="run_cancel",
-                )
-            elif self._conversation_id is not None:
-                conv_id = self._conversation_id
-                await b.call(
-                    f"cancelling runs of conversation {conv_id}",
-                    lambda t: b.client.conversations.cancel(conv_id, timeout=t),
-                    op="run_cancel",
-                )
-        except APIStatusError as e:
-            if e.status_code not in (404, 409):  # 409: no active run (it had finished); 404: gone
-                raise
 
     async def _wait_run(self, run: str) -> str:
         b = self.backend

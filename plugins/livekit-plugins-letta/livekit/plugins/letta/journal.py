@@ -1,7 +1,10 @@
-"""A small durable journal of the Letta conversations this plugin created and has not retired yet.
+"""The retirement journal: the Letta conversations created for sessions and not retired yet, so that another job
+retires what a crashed one left behind.
 
-One JSON file per conversation, written when the conversation is created and removed once it is deleted from
-Letta. The process that owns a conversation holds an exclusive `flock` on its file for as long as it lives, so:
+`RetirementJournal` / `JournalHandle` are the seam (async, so a shared store such as Redis can implement them);
+`FileJournal` is the implementation on one machine's disk. One JSON file per conversation, written when the
+conversation is created and removed once it is deleted from Letta. The process that owns a conversation holds an
+exclusive `flock` on its file for as long as it lives, so:
 
 - a later job (any process) can tell an orphan (no lock: its owner ended, crashed or was killed before the
   retirement reached Letta) from a live session (locked), claim the orphan and retire it;
@@ -20,11 +23,11 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import _logfmt as lf
 
-__all__ = ["JournalEntry", "JournalHandle", "RetirementJournal"]
+__all__ = ["FileJournal", "JournalEntry", "JournalHandle", "RetirementJournal"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -41,28 +44,54 @@ class JournalEntry:
     """Write an end-of-session summary to archival memory before deleting (end_summary was on)."""
 
 
-class JournalHandle:
+class JournalHandle(Protocol):
+    """An entry this process holds: no other job claims it while it is held."""
+
+    @property
+    def entry(self) -> JournalEntry: ...
+
+    @property
+    def held(self) -> bool: ...
+
+    async def done(self) -> None:
+        """The conversation is retired: forget the entry."""
+
+    async def release(self) -> None:
+        """Stop holding the entry (job end with the retirement still pending): a later job will claim it."""
+
+
+class RetirementJournal(Protocol):
+    """Where live conversations are recorded until retired; any implementation must let a job tell an orphan (its
+    owner is gone) from an entry a live process holds, and let exactly one job claim an orphan."""
+
+    async def record(self, entry: JournalEntry) -> JournalHandle | None:
+        """Record (and hold) a new conversation. None, logged, when the journal cannot be written: the session
+        goes on without durability rather than failing."""
+
+    async def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
+        """Claim (and hold) every entry of the Letta server at `letta_url` that nobody holds."""
+
+    def describe(self) -> str:
+        """Where it is, for logs."""
+
+
+class _FileHandle:
     """An entry this process holds (locked). `done()` removes it; `release()` unlocks and leaves it for later."""
 
     def __init__(self, path: Path, fd: int, entry: JournalEntry) -> None:
         self.path = path
         self._fd: int | None = fd
-        self.entry = entry
+        self._entry = entry
+
+    @property
+    def entry(self) -> JournalEntry:
+        return self._entry
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def update(self, entry: JournalEntry) -> None:
-        if self._fd is None:
-            return
-        self.entry = entry
-        data = json.dumps(asdict(entry)).encode()
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, data)
-
-    def done(self) -> None:
+    async def done(self) -> None:
         """The conversation is retired: forget the entry."""
         if self._fd is None:
             return
@@ -70,7 +99,7 @@ class JournalHandle:
             self.path.unlink()
         self._close()
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Stop holding the entry (job end with the retirement still pending): a later job will claim it."""
         self._close()
 
@@ -81,17 +110,23 @@ class JournalHandle:
                 os.close(fd)  # closing drops the flock
 
     def __repr__(self) -> str:
-        return f"JournalHandle({self.path.name}, held={self.held})"
+        return f"FileJournal.handle({self.path.name}, held={self.held})"
 
 
-class RetirementJournal:
+class FileJournal:
+    """A `RetirementJournal` in a directory: the kernel's `flock` tells held entries from orphans. Its calls are
+    short local file operations, run inline."""
+
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser()
 
     def _path(self, conversation_id: str) -> Path:
         return self.directory / f"conv-{_SAFE.sub('_', conversation_id.removeprefix('conv-'))}.json"
 
-    def record(self, entry: JournalEntry) -> JournalHandle | None:
+    def describe(self) -> str:
+        return str(self.directory)
+
+    async def record(self, entry: JournalEntry) -> JournalHandle | None:
         """Write a locked entry for a new conversation. None (logged) if the journal cannot be written: the
         session goes on without durability rather than failing."""
         try:
@@ -108,7 +143,7 @@ class RetirementJournal:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 raise
-            return JournalHandle(path, fd, entry)
+            return _FileHandle(path, fd, entry)
         except OSError as e:
             lf.warning(
                 "cannot write the retirement journal; this conversation is not journaled",
@@ -118,7 +153,7 @@ class RetirementJournal:
             )
             return None
 
-    def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
+    async def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
         """Lock and return every entry of `letta_url` that nobody holds (its owner is gone)."""
         out: list[JournalHandle] = []
         try:
@@ -136,7 +171,7 @@ class RetirementJournal:
                 out.append(handle)
         return out
 
-    def _claim(self, path: Path, letta_url: str) -> JournalHandle | None:
+    def _claim(self, path: Path, letta_url: str) -> _FileHandle | None:
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError:
@@ -159,7 +194,7 @@ class RetirementJournal:
         if entry.letta_url.rstrip("/") != letta_url.rstrip("/"):
             os.close(fd)
             return None
-        return JournalHandle(path, fd, entry)
+        return _FileHandle(path, fd, entry)
 
 
 def _parse(raw: bytes) -> JournalEntry:

@@ -1,18 +1,21 @@
-"""A LiveKit Agents `llm.LLM` whose replies come from a Letta agent, streamed token by token.
+"""`letta.LLM`: a LiveKit Agents `llm.LLM` whose replies come from one Letta conversation, streamed token by token.
+
+    from livekit.plugins import letta
+    session = AgentSession(llm=letta.LLM(agent_id="agent-...", base_url="http://localhost:8283"), ...)
 
 Letta is stateful: it keeps the conversation and runs its own agent loop (memory tools, archival search). So:
 
 - only the newest user message of the framework's chat context is sent; Letta already has the rest;
 - the framework's retries are forced off (`max_retry=0`), whatever the session asks for: re-sending a message to a
   stateful agent makes it see the message twice (STACK-NOTES measured three identical requests after a timeout);
-- each turn has its own bounds (first token, whole reply); on expiry or cancellation the HTTP stream is closed and
-  the Letta run cancelled, so nothing is left hanging or writing into the conversation;
+- turns of the conversation never overlap (a second waits for the first); each has its own bounds (first token,
+  whole reply); on expiry or cancellation (the user interrupted) the HTTP stream is closed and the Letta run cancelled
+  before the next turn, so nothing is left writing into the conversation;
 - only the assistant's text is spoken: reasoning, tool calls, tool returns and pings are not;
-- every failure is a non-retryable `APIError` (the AgentSession emits an `error` event: the session guard counts
-  it, `LettaSessions.bind_agent_session` speaks an apology).
+- every failure is a non-retryable `APIError` (the AgentSession emits an `error` event).
 
-The turn itself (serialization per conversation, 409 handling, recompiles after memory edits) lives in
-`LettaConversation`; `LettaSessions.llm_for(session)` gives the LLM of a voice session.
+No session guard is needed. With one, `livekit.plugins.letta.guard.LettaSessions` gives each voice session its own
+conversation and retires it at the end (`llm_for(session)` is that session's `LLM`).
 """
 
 from __future__ import annotations
@@ -23,45 +26,60 @@ from typing import Any
 from letta_client import AsyncLetta
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError, llm
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
-from livekit.plugins.session_guard import TaskScope
 
+from ._scope import TaskScope
 from .backend import LettaBackend
 from .conversation import LettaConversation
 from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnError, LettaUnavailableError
 from .log import logger
 from .options import LettaOptions, LettaTurnOptions
 
-__all__ = ["LettaLLM", "LettaLLMStream", "last_user_text"]
+__all__ = ["LLM", "LLMStream", "last_user_text"]
 
 
-class LettaLLM(llm.LLM[Any]):
-    """Replies from one Letta conversation.
+class LLM(llm.LLM[Any]):
+    """Replies from one Letta conversation of the agent `agent_id`.
 
-    Usually from `LettaSessions.llm_for(session)`. Standalone: `LettaLLM(client=..., agent_id=...,
-    conversation_id=...)` talks in an existing conversation (or, with `conversation_id=None`, one created on the
-    first turn and never retired: the caller owns it); `aclose()` stops its background work.
+    `conversation_id`: talk in that existing conversation; None: one is created on the first turn (kept in Letta
+    afterwards: the caller owns it, `conversation_id` names it). The client: `client=` (this LLM uses a copy with
+    the SDK's retries off and never closes yours), else one made from `base_url` / `api_key` (the SDK falls back
+    to `LETTA_BASE_URL` / `LETTA_API_KEY`), closed by `aclose()`. `options`: bounds (`LettaTurnOptions`) or all
+    options (`LettaOptions`). `aclose()` stops background work (settling a cut run).
     """
 
     def __init__(
         self,
         *,
-        conversation: LettaConversation | None = None,
-        client: AsyncLetta | None = None,
         agent_id: str | None = None,
         conversation_id: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        client: AsyncLetta | None = None,
         options: LettaTurnOptions | LettaOptions | None = None,
+        conversation: LettaConversation | None = None,
     ) -> None:
+        """`conversation` (instead of everything else) is for the guard integration: a conversation it owns."""
         super().__init__()
         self._own_scope: TaskScope | None = None
+        self._own_client: AsyncLetta | None = None
         if conversation is None:
-            if client is None or not agent_id:
-                raise ValueError("LettaLLM needs a conversation, or a client and an agent_id")
+            if not agent_id:
+                raise ValueError("letta.LLM needs an agent_id (a Letta agent, agent-...)")
+            if client is None:
+                kwargs: dict[str, Any] = {"max_retries": 0}
+                if base_url is not None:
+                    kwargs["base_url"] = base_url
+                if api_key is not None:
+                    kwargs["api_key"] = api_key
+                client = self._own_client = AsyncLetta(**kwargs)
+            elif base_url is not None or api_key is not None:
+                raise ValueError("pass either a client or base_url/api_key, not both")
             opts = options if isinstance(options, LettaOptions) else LettaOptions(turn=options or LettaTurnOptions())
             self._own_scope = TaskScope(f"letta-llm:{agent_id}")
             backend = LettaBackend(client, opts, scope=self._own_scope)
             conversation = LettaConversation(backend, agent_id, conversation_id=conversation_id)
-        elif client is not None or agent_id is not None or conversation_id is not None or options is not None:
-            raise ValueError("pass either a conversation or client/agent_id/conversation_id/options, not both")
+        elif any(x is not None for x in (agent_id, conversation_id, base_url, api_key, client, options)):
+            raise ValueError("pass either a conversation or agent_id/conversation_id/client/options, not both")
         self._conv = conversation
 
     @property
@@ -93,14 +111,16 @@ class LettaLLM(llm.LLM[Any]):
         parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
         tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
         extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
-    ) -> LettaLLMStream:
+    ) -> LLMStream:
         # Never retry: a stateful agent must not get the same message twice. The turn has its own bounds.
         no_retry = APIConnectOptions(max_retry=0, retry_interval=0.0, timeout=conn_options.timeout)
-        return LettaLLMStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=no_retry)
+        return LLMStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=no_retry)
 
     async def aclose(self) -> None:
         if self._own_scope is not None:
             await self._own_scope.aclose(5.0)
+        if self._own_client is not None:
+            await self._own_client.close()
 
 
 def last_user_text(chat_ctx: llm.ChatContext) -> str | None:
@@ -115,10 +135,10 @@ def last_user_text(chat_ctx: llm.ChatContext) -> str | None:
     return None
 
 
-class LettaLLMStream(llm.LLMStream):
+class LLMStream(llm.LLMStream):
     def __init__(
         self,
-        llm_: LettaLLM,
+        llm_: LLM,
         *,
         chat_ctx: llm.ChatContext,
         tools: list[llm.Tool],
@@ -155,13 +175,17 @@ class LettaLLMStream(llm.LLMStream):
 
         try:
             await self._letta.conversation.run_turn(text, on_text, on_usage=on_usage)
-        except LettaTimeoutError as e:
-            raise APITimeoutError(str(e), retryable=False) from e
-        except LettaUnavailableError as e:
-            raise APIConnectionError(str(e), retryable=False) from e
-        except LettaConfigError as e:
-            raise APIStatusError(str(e), status_code=400, retryable=False) from e
-        except LettaTurnError as e:
-            raise APIStatusError(str(e), status_code=e.status_code or 500, retryable=False) from e
         except LettaError as e:
-            raise APIStatusError(str(e), status_code=500, retryable=False) from e
+            raise api_error(e) from e
+
+
+def api_error(e: LettaError) -> APIConnectionError | APIStatusError:
+    """A Letta failure as the framework's non-retryable `APIError` (the AgentSession emits one `error` event)."""
+    if isinstance(e, LettaTimeoutError):
+        return APITimeoutError(str(e), retryable=False)
+    if isinstance(e, LettaUnavailableError):
+        return APIConnectionError(str(e), retryable=False)
+    if isinstance(e, LettaConfigError):
+        return APIStatusError(str(e), status_code=400, retryable=False)
+    status = e.status_code if isinstance(e, LettaTurnError) and e.status_code else 500
+    return APIStatusError(str(e), status_code=status, retryable=False)

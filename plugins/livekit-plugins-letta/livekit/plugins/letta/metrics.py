@@ -6,7 +6,7 @@ livekit-agents installs it).
     LettaSessions(client, options, metrics=metrics)
 
 Under LiveKit Agents each job runs in its own process: run the worker in prometheus_client's multiprocess mode
-(``livekit.plugins.session_guard.SessionGuardServer(prometheus_port=...)`` does it) so the worker's ``/metrics``
+(``livekit.plugins.session_guard.server.SessionGuardServer(prometheus_port=...)`` does it) so the worker's ``/metrics``
 sums every job process.
 """
 

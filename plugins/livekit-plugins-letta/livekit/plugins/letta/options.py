@@ -1,12 +1,16 @@
-"""Options of the Letta plugin: plain frozen dataclasses with defaults (seconds unless said otherwise)."""
+"""Options of the Letta plugin: plain frozen dataclasses with defaults (seconds unless said otherwise), and the
+agent id a dispatch names."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DEFAULT_APOLOGY", "LettaOptions", "LettaTurnOptions"]
+from .errors import LettaConfigError
+
+__all__ = ["DEFAULT_APOLOGY", "LettaOptions", "LettaTurnOptions", "agent_id_from_metadata"]
 
 DEFAULT_APOLOGY = "Sorry, I can't reach my memory right now. Please try again in a moment."
 
@@ -60,3 +64,23 @@ class LettaOptions:
     conversations: Literal["auto", "always", "never"] = "auto"
     """"auto": probe the server once (404 on the conversations route means it has none) and fall back to the
     agent's own history with `reset-messages`, one session per agent at a time in this process."""
+
+
+def agent_id_from_metadata(metadata: str | None, key: str = "letta_agent_id") -> str | None:
+    """The Letta agent id in a dispatch's metadata (JSON `{"letta_agent_id": "agent-..."}`, set by the token
+    server); None when there is no metadata or no such key. Raises LettaConfigError naming what is malformed."""
+    raw = (metadata or "").strip()
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LettaConfigError(f"the dispatch metadata is not JSON: {raw[:200]!r}") from None
+    if not isinstance(meta, dict):
+        raise LettaConfigError(f"the dispatch metadata is not a JSON object: {raw[:200]!r}")
+    value = meta.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith("agent-"):
+        raise LettaConfigError(f"dispatch metadata {key}={value!r} does not look like a Letta agent id (agent-...)")
+    return value

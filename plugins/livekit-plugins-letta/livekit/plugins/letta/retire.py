@@ -67,6 +67,7 @@ class Retirements:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._orphans_wanted = False
 
     @property
     def pending(self) -> list[PendingRetirement]:
@@ -129,16 +130,22 @@ class Retirements:
     def _add(self, item: PendingRetirement) -> None:
         self._pending.append(item)
 
-    def claim_orphans(self) -> int:
+    def want_orphans(self) -> None:
+        """Have the worker claim the journal's orphans (at start, and when Letta answers again)."""
+        if self._journal is not None:
+            self._orphans_wanted = True
+            self._wake.set()
+
+    async def claim_orphans(self) -> int:
         """Take over journal entries of this Letta server that no live process holds."""
         if self._journal is None or self._closing:
             return 0
         known = {p.conversation_id for p in self._pending}
         claimed = 0
-        for handle in self._journal.claim_orphans(self._b.base_url):
+        for handle in await self._journal.claim_orphans(self._b.base_url):
             e = handle.entry
             if e.conversation_id in known:
-                handle.release()
+                await handle.release()
                 continue
             self._add(
                 PendingRetirement(
@@ -159,7 +166,7 @@ class Retirements:
             lf.warning(
                 "retiring conversations an earlier job left behind (from the journal)",
                 count=claimed,
-                journal=str(self._journal.directory),
+                journal=self._journal.describe(),
             )
             self.kick()
         return claimed
@@ -180,6 +187,12 @@ class Retirements:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            if self._orphans_wanted:
+                self._orphans_wanted = False
+                try:
+                    await self.claim_orphans()
+                except Exception as e:  # the journal is best effort; its retirements are retried next time
+                    lf.error("claiming the journal's orphans failed", exc=e)
             now = time.monotonic()
             for item in [p for p in self._pending if not p.in_flight and p.next_at <= now]:
                 try:
@@ -231,7 +244,7 @@ class Retirements:
         if item in self._pending:
             self._pending.remove(item)
         if item.journal is not None:
-            item.journal.done()
+            await item.journal.done()
         if done:
             if item.attempts > 1 or item.reason.startswith("orphaned"):
                 self._b.stats.retries_done += 1
@@ -265,15 +278,7 @@ class Retirements:
         conv_id = item.conversation_id
         assert conv_id is not None
         if item.cancel_first:
-            try:
-                await b.call(
-                    f"cancelling runs of conversation {conv_id}",
-                    lambda t: b.client.conversations.cancel(conv_id, timeout=t),
-                    op="run_cancel",
-                )
-            except APIStatusError as e:
-                if e.status_code not in (404, 409):
-                    raise
+            await b.cancel_runs(item.agent_id, conv_id)
             item.cancel_first = False
         if item.summarize:
             await self._summarize(item)
@@ -295,15 +300,7 @@ class Retirements:
     async def _reset(self, item: PendingRetirement) -> None:
         b = self._b
         if item.cancel_first:
-            try:
-                await b.call(
-                    f"cancelling runs of agent {item.agent_id}",
-                    lambda t: b.client.agents.messages.cancel(item.agent_id, timeout=t),
-                    op="run_cancel",
-                )
-            except APIStatusError as e:
-                if e.status_code not in (404, 409):
-                    raise
+            await b.cancel_runs(item.agent_id)
             item.cancel_first = False
         await b.call(
             f"resetting the history of agent {item.agent_id}",
@@ -370,7 +367,7 @@ class Retirements:
                 **item.ids(),
             )
             if item.journal is not None:
-                item.journal.release()
+                await item.journal.release()
             if item.holds_lease:
                 item.holds_lease = False
                 self._b.lease(item.agent_id).release()

@@ -11,12 +11,6 @@ from livekit.agents import Plugin
 from .binding import CHAT_CTX_KEY, AgentSessionBinding, bind_agent_session, saved_chat_ctx
 from .chat import TOPIC_CHAT, ChatRouter, TextDelivery
 from .core import EndReason, NoticeKind, SessionState
-from .endpoint import (
-    SessionGuardServer,
-    SessionsEndpoint,
-    SessionsEndpointMixin,
-    install_sessions_endpoint,
-)
 from .guard import (
     Connection,
     EndHook,
@@ -37,7 +31,6 @@ from .options import (
     SessionGuardOptions,
 )
 from .scope import LeakKeeper, ScopeClosedError, ScopeResult, TaskScope
-from .state_dir import STATE_DIR_ENV, read_state_dir
 from .version import __version__
 
 __all__ = [
@@ -45,7 +38,6 @@ __all__ = [
     "DEFAULT_END_REASONS",
     "DEFAULT_HUMAN_KINDS",
     "FINAL_DISCONNECT_REASONS",
-    "STATE_DIR_ENV",
     "TOPIC_CHAT",
     "AgentSessionBinding",
     "ChatRouter",
@@ -63,18 +55,13 @@ __all__ = [
     "ScopeResult",
     "SessionGuard",
     "SessionGuardOptions",
-    "SessionGuardServer",
     "SessionHook",
     "SessionState",
-    "SessionsEndpoint",
-    "SessionsEndpointMixin",
     "TaskScope",
     "TextDelivery",
     "__version__",
     "bind_agent_session",
     "end_sessions_before_disconnect",
-    "install_sessions_endpoint",
-    "read_state_dir",
     "saved_chat_ctx",
 ]
 

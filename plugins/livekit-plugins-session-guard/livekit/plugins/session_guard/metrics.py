@@ -9,10 +9,11 @@ prometheus_port=...)``), so the metrics use prometheus_client's multiprocess mod
   Call :func:`claim_process_slot` first: the process then writes to the file set of a free *slot* (continuing the
   counts of the processes that held it before), so the directory holds one file set per concurrent process rather
   than one per process ever started, and a scrape stays cheap for a worker that runs for months.
-- the worker: :class:`MultiprocessDir`, one directory per worker run, emptied at start, exported as
-  ``PROMETHEUS_MULTIPROC_DIR`` before any job process exists, and the live gauges of job processes that ended (even
-  SIGKILLed) removed with ``mark_process_dead`` so ``session_guard_live_sessions`` counts living processes only.
-  ``SessionGuardServer(prometheus_port=...)`` does all of it.
+- the worker: :class:`MultiprocessDir`, one directory per worker run, and the live gauges of job processes that
+  ended (even SIGKILLed) removed with ``mark_process_dead`` (:meth:`MultiprocessDir.sweep`) so
+  ``session_guard_live_sessions`` counts living processes only. ``livekit.plugins.session_guard.server.
+  SessionGuardServer(prometheus_port=...)`` does all of it, on the framework's own multiprocess support (the
+  framework reads ``$PROMETHEUS_MULTIPROC_DIR``, creates and empties the directory at start).
 """
 
 from __future__ import annotations
@@ -26,16 +27,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import psutil
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
+from .compat import use_multiprocess_values, write_values_as
 from .core import EndReason
-from .log import logger
-
-if TYPE_CHECKING:
-    from livekit.agents import AgentServer
 
 __all__ = [
     "CLEANUP_BUCKETS",
@@ -43,7 +40,6 @@ __all__ = [
     "MultiprocessDir",
     "SessionGuardMetrics",
     "claim_process_slot",
-    "use_multiprocess_values",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -113,20 +109,6 @@ class SessionGuardMetrics:
         self.live_sessions.inc(delta)
 
 
-def use_multiprocess_values() -> bool:
-    """Make metric values created from now on in this process live in ``$PROMETHEUS_MULTIPROC_DIR``.
-
-    prometheus_client picks its value class once, when first imported; livekit-agents imports it before a worker
-    knows its directory. The framework's own worker metrics (job count, load) take their values at first use, after
-    this, so they are exported too. Job processes import prometheus_client after the variable is set (the
-    forkserver starts with the worker's environment) and need nothing. Returns True if the class was switched.
-    """
-    if not os.environ.get(MULTIPROC_ENV) or getattr(values.ValueClass, "_multiprocess", False):
-        return False
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-    return True
-
-
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]*_(\d+)\.db$")
 _SLOT_PREFIX = "slot"  # no "_": prometheus_client splits file names on it
 
@@ -154,7 +136,7 @@ def claim_process_slot(directory: str | os.PathLike[str] | None = None) -> str |
         # The descriptor stays open, on purpose, for the life of the process: it is the lock.
         slot = f"{_SLOT_PREFIX}{n}"
         multiprocess.mark_process_dead(slot, str(path))  # type: ignore[no-untyped-call]
-        values.ValueClass = values.MultiProcessValue(lambda slot=slot: slot)  # type: ignore[no-untyped-call]
+        write_values_as(slot)
         return slot
     raise AssertionError("unreachable")
 
@@ -186,8 +168,9 @@ class MultiprocessDir:
     def path(self) -> Path | None:
         return self._dir
 
-    def prepare(self) -> Path:
-        """Choose, create and empty the directory, export it, switch this process to multiprocess values."""
+    def choose(self) -> Path:
+        """Choose and create the directory (idempotent); nothing else. ``SessionGuardServer`` exports it as
+        ``$PROMETHEUS_MULTIPROC_DIR`` before the framework starts, which then empties and uses it."""
         if self._dir is None:
             if self._explicit is not None:
                 self._dir = self._explicit
@@ -197,12 +180,18 @@ class MultiprocessDir:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"session-guard-metrics-{os.getpid()}-"))
                 self._created = True
             self._dir.mkdir(parents=True, exist_ok=True)
-            for f in self._dir.glob("*.db"):  # (slot locks stay: a lock is the inode a living holder locked)
-                with contextlib.suppress(OSError):
-                    f.unlink()
-        os.environ[MULTIPROC_ENV] = str(self._dir)
-        use_multiprocess_values()
         return self._dir
+
+    def prepare(self) -> Path:
+        """Outside an ``AgentServer`` (scripts, tests): choose, empty and export the directory and switch this process
+        to multiprocess values."""
+        path = self.choose()
+        for f in path.glob("*.db"):  # (slot locks stay: a lock is the inode a living holder locked)
+            with contextlib.suppress(OSError):
+                f.unlink()
+        os.environ[MULTIPROC_ENV] = str(path)
+        use_multiprocess_values()
+        return path
 
     def mark_dead(self, pid: int) -> None:
         """Drop the live gauges of a job process that ended (its counters and histograms keep counting)."""
@@ -245,27 +234,6 @@ class MultiprocessDir:
             finally:
                 os.close(fd)
         return dead
-
-    def attach(self, server: AgentServer) -> None:
-        """Mark job processes dead as the worker's process pool reports them closed (exit, crash, SIGKILL)."""
-
-        def on_process_closed(proc: Any) -> None:
-            try:
-                pid = getattr(proc, "pid", None)
-                if isinstance(pid, int):
-                    self.mark_dead(pid)
-                self.sweep()  # anything missed (a process that died before the worker was listening)
-            except Exception:
-                logger.exception("[SESSION] could not mark a job process dead in the metrics directory")
-
-        def on_worker_started() -> None:
-            pool = getattr(server, "_proc_pool", None)  # 1.8.9: the pool emits process_closed; no public hook
-            if pool is None or not hasattr(pool, "on"):
-                logger.warning("[SESSION] no process pool to watch: dead job processes' gauges are swept only")
-                return
-            pool.on("process_closed", on_process_closed)
-
-        server.on("worker_started", on_worker_started)
 
     def close(self) -> None:
         """Remove the directory if this object created it."""

@@ -1,4 +1,7 @@
-"""`LettaSessions`: the Letta side of every voice session of a job, plugged into the session guard's hooks.
+"""The session guard integration (optional: needs `livekit-plugins-session-guard`): one Letta conversation per
+guarded voice session, over the agent's shared memory blocks.
+
+    from livekit.plugins.letta.guard import LettaSessions
 
     letta = LettaSessions(client, LettaOptions(journal_dir=...))
     letta.install(guard, agent_id_for=lambda s: room_agent_id)   # before the app's own start hooks
@@ -15,14 +18,15 @@
 - start: the session gets its own conversation on the agent (created in the background; a turn waits for it);
 - resume: the same conversation, no request to Letta at all (the memory block cache is per job, not per session);
 - end: the conversation is retired (deleted; the agent's memory blocks and archival memory stay), now or, if
-  Letta cannot be reached, later: by this job's retry worker, or by a later job through the journal.
+  Letta cannot be reached, later: by this job's retry worker, or by a later job through the retirement journal.
+
+This is the only module of the plugin that imports the session guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,45 +35,33 @@ from typing import Any
 from letta_client import AsyncLetta
 from livekit.agents import AgentSession
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
-from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState, TaskScope
+
+try:
+    from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState
+except ImportError as e:
+    raise ImportError(
+        "livekit.plugins.letta.guard integrates Letta with the session guard and needs livekit-plugins-session-guard "
+        "(pip install 'livekit-plugins-letta[session-guard]'). Without it, use letta.LLM(...) directly."
+    ) from e
 
 from . import _logfmt as lf
 from ._calls import is_not_found, short_detail
+from ._scope import TaskScope
 from .backend import LettaBackend, LettaMetricsSink, LettaStats
 from .cache import BlockCache, MemoryBlock
 from .conversation import LettaConversation
 from .errors import LettaConfigError, LettaUnavailableError
-from .journal import JournalEntry, RetirementJournal
-from .llm import LettaLLM
+from .journal import FileJournal, JournalEntry, RetirementJournal
+from .llm import LLM
 from .options import LettaOptions
 from .retire import PendingRetirement, Retirements
 
-__all__ = ["CONVERSATION_KEY", "AgentIdFor", "LettaSessions", "agent_id_from_metadata"]
+__all__ = ["CONVERSATION_KEY", "AgentIdFor", "LettaSessions"]
 
 CONVERSATION_KEY = "livekit.plugins.letta.conversation"
 """`GuardSession.userdata` key of the session's `LettaConversation`."""
 
 AgentIdFor = Callable[[GuardSession], "str | Awaitable[str]"]
-
-
-def agent_id_from_metadata(metadata: str | None, key: str = "letta_agent_id") -> str | None:
-    """The Letta agent id in a dispatch's metadata (JSON `{"letta_agent_id": "agent-..."}`, set by the token
-    server); None when there is no metadata or no such key. Raises LettaConfigError naming what is malformed."""
-    raw = (metadata or "").strip()
-    if not raw:
-        return None
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LettaConfigError(f"the dispatch metadata is not JSON: {raw[:200]!r}") from None
-    if not isinstance(meta, dict):
-        raise LettaConfigError(f"the dispatch metadata is not a JSON object: {raw[:200]!r}")
-    value = meta.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or not value.startswith("agent-"):
-        raise LettaConfigError(f"dispatch metadata {key}={value!r} does not look like a Letta agent id (agent-...)")
-    return value
 
 
 class LettaSessions:
@@ -83,12 +75,17 @@ class LettaSessions:
         *,
         cache: BlockCache | None = None,
         metrics: LettaMetricsSink | None = None,
+        journal: RetirementJournal | None = None,
     ) -> None:
-        """`metrics`: where to report each request's latency and errors (e.g. `metrics.LettaMetrics`)."""
+        """`metrics`: where to report each request's latency and errors (e.g. `metrics.LettaMetrics`). `journal`:
+        where live conversations are recorded until retired (default: a `FileJournal` in `options.journal_dir`, if
+        set; any `RetirementJournal` works, e.g. one in a store shared by every machine)."""
         self._opts = options or LettaOptions()
         self._scope = TaskScope("letta")
         self._backend = LettaBackend(client, self._opts, scope=self._scope, cache=cache, metrics=metrics)
-        self._journal = RetirementJournal(self._opts.journal_dir) if self._opts.journal_dir else None
+        if journal is None and self._opts.journal_dir:
+            journal = FileJournal(self._opts.journal_dir)
+        self._journal = journal
         self._retirements = Retirements(self._backend, self._journal)
         self._backend.on_reachable = self._on_reachable
         self._validated: dict[str, str] = {}
@@ -182,8 +179,7 @@ class LettaSessions:
         guard.on_session_resume(self._on_resume)
         guard.on_session_end(self._on_end)
         self._retirements.start()
-        if self._journal is not None:
-            self._retirements.claim_orphans()
+        self._retirements.want_orphans()
 
     async def _on_start(self, gs: GuardSession) -> None:
         conv = gs.userdata.get(CONVERSATION_KEY)
@@ -229,9 +225,9 @@ class LettaSessions:
             return
         await self._retirements.retire(conv, reason=reason.value)
 
-    def _on_created(self, conv: LettaConversation) -> None:
+    async def _on_created(self, conv: LettaConversation) -> None:
         if self._journal is not None and conv.conversation_id is not None:
-            conv.journal = self._journal.record(
+            conv.journal = await self._journal.record(
                 JournalEntry(
                     letta_url=self._backend.base_url,
                     agent_id=conv.agent_id,
@@ -248,7 +244,7 @@ class LettaSessions:
                 self._retirements.kick()
 
     def _on_reachable(self) -> None:
-        self._retirements.claim_orphans()
+        self._retirements.want_orphans()
         self._retirements.kick()
 
     # -- per session
@@ -262,9 +258,9 @@ class LettaSessions:
             )
         return conv
 
-    def llm_for(self, gs: GuardSession) -> LettaLLM:
-        """An `llm.LLM` that talks in the session's conversation (one per AgentSession is fine: they share it)."""
-        return LettaLLM(conversation=self.conversation(gs))
+    def llm_for(self, gs: GuardSession) -> LLM:
+        """A `letta.LLM` that talks in the session's conversation (one per AgentSession is fine: they share it)."""
+        return LLM(conversation=self.conversation(gs))
 
     def bind_agent_session(self, gs: GuardSession, agent_session: AgentSession[Any]) -> None:
         """Wire an AgentSession of this session's current connection:
@@ -282,7 +278,7 @@ class LettaSessions:
 
         def on_error(ev: ErrorEvent) -> None:
             source = ev.source
-            if not isinstance(source, LettaLLM) or source.conversation is not conv:
+            if not isinstance(source, LLM) or source.conversation is not conv:
                 return
             if getattr(ev.error, "recoverable", False) or not opts.apology:
                 return
@@ -329,13 +325,13 @@ class LettaSessions:
         if self._guard is not None:
             await self._guard.aclose()  # idempotent; waits if it is already closing
         left = await self._retirements.aclose(self._opts.close_timeout)
-        result = await self._scope.aclose(1.0)
+        leaked = await self._scope.aclose(1.0)
         busy = left or self._backend.stats.turns or self._backend.stats.conversations_created
         lf.log(
             logging.ERROR if left else logging.INFO if busy else logging.DEBUG,
             "closed",
             pending=len(left),
-            leaked=len(result.leaked),
+            leaked=len(leaked),
             **self._backend.stats.as_dict(),
             block_fetches=self.cache.stats.fetches,
             block_cache_hits=self.cache.stats.hits,
