@@ -179,9 +179,8 @@ async def test_a_spoken_fact_is_remembered_in_a_new_session_by_the_local_model(
         while "blue" not in human_block(letta_sync, local_agent).lower():
             await asyncio.sleep(0.5)
     block = human_block(letta_sync, local_agent)
-    assert {"blue", "color"} <= set(words(block)), (
-        block
-    )  # the model's words, e.g. "The user prefers blue over any other color."
+    # the model's words: "The user prefers blue over any other color." or "The user loves blue." (both seen)
+    assert "blue" in words(block.split("\n", 1)[-1]) and len(block.splitlines()) >= 2, block
 
     # session 2 (a new room: the conversation's history is gone, the memory block stays)
     ((ask_heard, answer),) = await _session(stack, local_agent, models, tmp_path, ["What is my favorite color?"])
