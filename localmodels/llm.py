@@ -102,6 +102,7 @@ class LocalLLM:
                 # remembered facts (SmolLM2 named a remembered colour 3-5 in 6 with 1.15, 3-6 in 6 without)
                 repeat_penalty=1.0,
             )
+            generated = 0  # this run's tokens (gen counts every attempt's, for usage)
             for chunk in stream:
                 if stop.is_set():
                     gen.finish_reason = "stop"
@@ -112,10 +113,11 @@ class LocalLLM:
                     if gen.first_token_s is None:
                         gen.first_token_s = time.perf_counter() - gen.started
                     gen.completion_tokens += 1
+                    generated += 1
                     emit(text)
                 if choice.get("finish_reason"):
                     gen.finish_reason = str(choice["finish_reason"])
-            gen.prompt_tokens = max(0, int(self.model.n_tokens) - gen.completion_tokens)
+            gen.prompt_tokens = max(0, int(self.model.n_tokens) - generated)
 
     def _json(self, messages: Sequence[dict[str, str]], schema: dict[str, Any], max_tokens: int) -> str:
         with self._lock:
