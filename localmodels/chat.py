@@ -1,17 +1,21 @@
-"""From an OpenAI chat request (as Letta writes it) to what a 135M-parameter model can work with, and back.
+"""From an OpenAI chat request (as Letta writes it) to what a small model can work with, and back.
 
 Pure functions, no model here (server.py runs the model):
 
 - `condense`: Letta's system prompt is several thousand tokens of agent instructions that a tiny model cannot
-  follow and a 2-core CPU needs seconds to read. The model gets a short system prompt instead - the agent's
-  `persona` and `human` memory blocks (parsed from Letta's `<memory_blocks>`) and "answer in one or two short
-  sentences" - and the last few user/assistant turns. Requests that are not Letta's (no memory blocks) keep their
-  system prompt, cut to a bound.
-- `required_tool`: SmolLM2-135M does not produce reliable tool calls. The server never lets it try: under
-  `tool_choice: "auto"` (Letta's `letta_v1_agent`, the default agent type) the reply is plain text, which ends
-  Letta's turn; when a tool call is *required* (`"required"` or a named function, older Letta agent types that reply
-  through `send_message`) the model's generated text is wrapped into that tool call's arguments
-  (`tool_call_arguments`). The text always comes from the model; only the wrapping is done here.
+  follow and a 2-core CPU needs seconds to read. The model gets a short system prompt instead that frames what it
+  is (a voice assistant answering the user), what it knows about the user (Letta's `human` block, parsed from
+  `<memory_blocks>`) and how to answer - and the last few user/assistant turns. The `persona` block is Letta's
+  instructions to the agent; a 135M model given those words recites them (issue 14), so they are not put in
+  front of it. Requests that are not Letta's (no memory blocks) keep their system prompt, cut to a bound.
+- `memory_request`: what the model is asked, under a JSON-schema grammar, to decide whether the user's last
+  message holds a fact worth remembering; `memory_call` turns the model's answer into a call of Letta's own memory
+  tool (`memory_insert` into the `human` block). The fact is the model's words; only the wrapping is done here.
+- `Hygiene`: sentence-level checks on what the model says before it is sent on - no recital of the system prompt,
+  English, at most two sentences.
+- `required_tool`: when a tool call is *required* (`"required"` or a named function, older Letta agent types that
+  reply through `send_message`) the model's generated text is wrapped into that tool call's arguments
+  (`tool_call_arguments`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,14 @@ _MEMORY_BLOCKS_RE = re.compile(r"<memory_blocks>(?P<body>.*?)</memory_blocks>", 
 _BLOCK_RE = re.compile(r"<(?P<label>[A-Za-z0-9_.\-/]+)>\s*(?P<inner>.*?)</(?P=label)>", re.DOTALL)
 _VALUE_RE = re.compile(r"<value>\n?(?P<value>.*?)\n?</value>", re.DOTALL)
 _LINE_NUMBER_RE = re.compile(r"^[ \t]*\d+→[ \t]?", re.MULTILINE)
+_PLACEHOLDER_RE = re.compile(r"^\s*nothing (is )?(known|yet)\b", re.IGNORECASE)
 _EVENT_TYPES = {"heartbeat", "system_alert", "login", "system_message"}
 
-STYLE = "Answer the user in English, in one or two short, friendly sentences. Plain text only."
+FRAME = "You are a friendly, helpful assistant talking with a user."
+STYLE = (
+    "Answer the user's last message in English, in one or two short sentences, as spoken words. "
+    "Never repeat these instructions."
+)
 MAX_SYSTEM_CHARS = 1200
 MAX_TURN_CHARS = 600
 MAX_TURNS = 6
@@ -127,22 +136,243 @@ def condense(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
             raise BadRequest(f"unknown role {role!r}", f"messages[{i}].role")
     system_text = "\n".join(system_parts)
     blocks = memory_blocks(system_text)
-    if blocks:
-        parts = []
-        if blocks.get("persona"):
-            parts.append(_cut(blocks["persona"], MAX_SYSTEM_CHARS // 2))
-        if blocks.get("human"):
-            parts.append("What you know about the user: " + _cut(blocks["human"], MAX_SYSTEM_CHARS // 2))
-        parts.append(STYLE)
-        system = "\n".join(parts)
-    else:
-        system = _cut(system_text, MAX_SYSTEM_CHARS) if system_text.strip() else STYLE
+    system = letta_system(blocks) if blocks else (_cut(system_text, MAX_SYSTEM_CHARS) if system_text.strip() else STYLE)
     turns = turns[-MAX_TURNS:]
     while turns and turns[0]["role"] != "user":
         turns.pop(0)
     if not turns or turns[-1]["role"] != "user":
         turns.append({"role": "user", "content": "Please continue."})
     return [{"role": "system", "content": system}, *turns]
+
+
+def letta_system(blocks: Mapping[str, str]) -> str:
+    """The system prompt for a Letta agent's turn: what the model is, what it knows about the user, how to answer.
+    The `persona` block is not included (see the module's docstring)."""
+    parts = [FRAME]
+    lines = [ln for ln in blocks.get("human", "").splitlines() if ln.strip()]
+    facts = [ln for ln in lines if not _PLACEHOLDER_RE.match(ln)]
+    # Once facts were added under it, the block's "Nothing is known about the user yet." contradicts them; with it,
+    # SmolLM2 named the remembered color 2 times in 6, without it 5 in 6.
+    human = "\n".join(facts or lines)
+    if human:
+        parts.append("What you know about the user:\n" + _cut(human, MAX_SYSTEM_CHARS // 2))
+    parts.append(STYLE)
+    return "\n".join(parts)
+
+
+def last_turn_is_user(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """The user's words when the request ends with a real user turn (not a tool result or an automated message):
+    the point where a memory decision is due."""
+    for m in reversed(messages):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role in ("system", "developer"):
+            continue
+        if role != "user":
+            return None
+        text = user_turn(content_text(m.get("content")))
+        return text.strip() if text and text.strip() else None
+    return None
+
+
+def after_memory_call(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """True when the request continues a turn whose reply was already given: the last messages are the results of
+    memory tool calls, which this server only makes together with the reply's text (see `memory_call`; Letta keeps
+    that text as the call's reasoning, so it may not come back as the message's content). Nothing more is to be
+    said."""
+    i = len(messages) - 1
+    seen_tool = False
+    while i >= 0 and isinstance(messages[i], Mapping) and messages[i].get("role") == "tool":
+        seen_tool = True
+        i -= 1
+    if not seen_tool or i < 0 or not isinstance(messages[i], Mapping) or messages[i].get("role") != "assistant":
+        return False
+    calls = messages[i].get("tool_calls") or []
+    names = [(c.get("function") or {}).get("name") for c in calls if isinstance(c, Mapping)]
+    return bool(names) and all(n in MEMORY_TOOLS for n in names)
+
+
+# --- the memory decision -------------------------------------------------------------------------------------------
+
+MEMORY_TOOLS = ("memory_insert", "core_memory_append")
+"""Letta's tools that add to a memory block: `memory_insert` (letta_v1_agent, memgpt_v2_agent) or
+`core_memory_append` (older agent types). The first one offered is used."""
+FACT_PREFIX = "The user"
+MEMORY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "fact": {
+            "anyOf": [
+                {"type": "null"},
+                {"type": "string", "pattern": "^The user[a-zA-Z0-9 ,.'-]{3,100}$"},
+            ]
+        }
+    },
+    "required": ["fact"],
+}
+"""What the model may answer to "anything worth remembering?": no fact, or one short sentence about the user. The
+server samples under the grammar llama.cpp builds from this schema, so the answer is always this JSON."""
+
+MEMORY_INSTRUCTIONS = (
+    "You decide what a voice assistant should remember about the user. If the user's message tells a fact about "
+    "themselves (their name, what they like, where they live, their family, their work), answer with that fact. "
+    "Greetings, thanks and goodbyes tell no fact: answer null."
+)
+MEMORY_EXAMPLES: tuple[tuple[str, str | None], ...] = (
+    ("Hello, how are you?", None),
+    ("My name is Sam.", "The user's name is Sam."),
+    ("Thanks, that was helpful!", None),
+    ("I really love playing chess.", "The user loves playing chess."),
+    ("Good evening!", None),
+    ("I live in Lisbon with my two cats.", "The user lives in Lisbon with two cats."),
+    ("Okay, bye for now.", None),
+)
+_STOPWORDS = frozenset(
+    "the user user's a an is are was were be been has have had of to in on at for with and or my his her their its "
+    "about from as by that this it very really also likes like loves love named called over any other than more "
+    "most some all not no so just too then there here what which who when where how why do does did will would "
+    "can could should may might me you your i i'm we our they them he she him".split()
+)
+
+
+def memory_due(user_text: str) -> bool:
+    """Whether the memory step runs for this user turn: not for questions (a question asks, it tells nothing to
+    keep). Measured on SmolLM2-135M: asked about a question, the model still proposes a "fact" (issue 14)."""
+    return not user_text.rstrip().endswith("?")
+
+
+def grounded(fact: str, user_text: str) -> bool:
+    """The model's fact is kept only when at least half of its content words (4-letter prefixes, so "works" matches
+    "work") are in what the user said: a check on the model's words that drops made-up facts ("The user is happy to
+    see you" for "Good morning!"); it never makes a fact up itself."""
+    said = {w[:4] for w in _words(user_text)}
+    content = [w[:4] for w in _words(fact) if w not in _STOPWORDS and len(w) > 2]
+    return bool(content) and sum(w in said for w in content) * 2 >= len(content)
+
+
+def memory_request(user_text: str) -> list[dict[str, str]]:
+    """The short, few-shot prompt for the memory decision (independent of the reply's prompt)."""
+    msgs = [{"role": "system", "content": MEMORY_INSTRUCTIONS}]
+    for q, fact in MEMORY_EXAMPLES:
+        msgs.append({"role": "user", "content": q})
+        msgs.append({"role": "assistant", "content": json.dumps({"fact": fact})})
+    msgs.append({"role": "user", "content": _cut(user_text, MAX_TURN_CHARS)})
+    return msgs
+
+
+def parse_fact(answer: str) -> str | None:
+    """The fact from the model's constrained answer, or None (no fact, or an answer that is not the schema's)."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return None
+    fact = data.get("fact") if isinstance(data, dict) else None
+    if not isinstance(fact, str):
+        return None
+    fact = " ".join(fact.split())
+    return fact if fact.startswith(FACT_PREFIX) and len(fact) > len(FACT_PREFIX) + 2 else None
+
+
+def memory_tool(tools: Sequence[ToolSpec]) -> ToolSpec | None:
+    for name in MEMORY_TOOLS:
+        for t in tools:
+            if t.name == name:
+                return t
+    return None
+
+
+def memory_call(tool: ToolSpec, fact: str, known: str) -> str | None:
+    """JSON arguments for `tool` adding `fact` to the `human` block, or None when the block already says it."""
+    if fact.rstrip(".").lower() in known.lower():
+        return None
+    if tool.name == "memory_insert":
+        return json.dumps({"label": "human", "new_string": fact, "insert_line": -1})
+    return json.dumps({"label": "human", "content": fact})
+
+
+# --- output hygiene --------------------------------------------------------------------------------------------------
+
+_WORD_RE = re.compile(r"[a-z0-9']+")
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
+RECITAL_NGRAM = 6
+MAX_SENTENCES = 2
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower().replace("\u2019", "'"))
+
+
+def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+_ENGLISH_WORDS = frozenset(
+    "the a an is are was were be am i i'm you you're your it it's its this that to of in on at for with and or but "
+    "not no yes my me we our they he she his her what how can do does will would there here so as".split()
+)
+
+
+def is_english(text: str) -> bool:
+    """Mostly ASCII letters, and - past three words - at least one common English word (SmolLM2 answered "L'Alma, la
+    France, est la capital de France." once: all ASCII)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters or sum(c.isascii() for c in letters) / len(letters) < 0.95:
+        return False
+    ws = _words(text)
+    return len(ws) <= 3 or any(w in _ENGLISH_WORDS for w in ws)
+
+
+@dataclass
+class Hygiene:
+    """Cuts the model's streamed text into sentences and judges each: `feed` returns the sentences that are complete
+    and fine to send, `finish` the rest. `recital` turns true when a sentence repeats a run of `RECITAL_NGRAM` words
+    of the system prompt (instructions or memory block), `foreign` when it is not English; the caller stops (and
+    regenerates when nothing was sent). At most `MAX_SENTENCES` sentences pass (`full`)."""
+
+    system: str
+    sent: int = 0
+    recital: bool = False
+    foreign: bool = False
+    rejected: str = ""
+    """The sentence that stopped the reply (for the log)."""
+    _buf: str = ""
+
+    def __post_init__(self) -> None:
+        self._grams = _ngrams(_words(self.system), RECITAL_NGRAM)
+
+    @property
+    def full(self) -> bool:
+        return self.sent >= MAX_SENTENCES or self.recital or self.foreign
+
+    def _judge(self, sentence: str) -> str | None:
+        s = sentence.strip()
+        if not s or self.full:
+            return None
+        if _ngrams(_words(s), RECITAL_NGRAM) & self._grams:
+            self.recital, self.rejected = True, s
+            return None
+        if any(c.isalpha() for c in s) and not is_english(s):  # digits/punctuation alone pass quietly
+            self.foreign, self.rejected = True, s
+            return None
+        self.sent += 1
+        return s
+
+    def feed(self, piece: str) -> list[str]:
+        self._buf += piece
+        out: list[str] = []
+        while not self.full:
+            m = _SENTENCE_END_RE.search(self._buf)
+            if m is None:
+                break
+            sentence, self._buf = self._buf[: m.start()], self._buf[m.end() :]
+            ok = self._judge(sentence)
+            if ok:
+                out.append(ok)
+        return out
+
+    def finish(self) -> list[str]:
+        rest, self._buf = self._buf, ""
+        ok = self._judge(rest)
+        return [ok] if ok else []
 
 
 @dataclass(frozen=True)

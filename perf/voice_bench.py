@@ -41,12 +41,12 @@ from tests.support.voice import (
 
 QUESTIONS = [
     "What is the capital of France?",
+    "My favorite color is blue.",  # statements: the local model server's memory step runs (issue 14)
     "Can you tell me a fun fact about cats?",
+    "I have a dog called Max.",
     "What should I cook for dinner tonight?",
     "How far away is the moon?",
-    "What is your favorite color?",
     "Tell me something about the ocean.",
-    "What time of year is best for a holiday?",
     "Why is the sky blue?",
 ]
 TURNS = int(os.environ.get("BENCH_TURNS", "5"))

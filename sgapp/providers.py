@@ -4,7 +4,9 @@
   OPENAI_BASE_URL); Letta uses OpenAI models too.
 - `local` (default without a key): offline models shipped in registry packages, nothing downloaded -
   `WhisperSTT` (whisper tiny.en, faster-whisper) and `PiperTTS` (piper en_US-joe-medium) from
-  livekit.plugins.offline; Letta runs on the local model server (localmodels/, SmolLM2-135M-Instruct).
+  livekit.plugins.offline; Letta runs on the local model server (localmodels/, SmolLM2-135M-Instruct), which
+  after each reply asks the model, under a JSON-schema grammar, whether the user said something worth remembering,
+  and if so calls Letta's own `memory_insert` on the `human` block.
 - `test`: STT/TTS by livekit-plugins-openai against the deterministic test provider (testprovider/), which scripts
   what the tests assert on. Only the test stack uses it.
 
@@ -69,9 +71,9 @@ def describe(settings: Settings) -> str:
         return (
             f"providers: LOCAL offline models (no API key) - STT {offline.WHISPER_MODEL_NAME} via faster-whisper "
             f"(English only, utterance at a time), TTS piper {offline.PIPER_VOICE_NAME} (22.05 kHz, one US-English "
-            f"voice), Letta LLM on the local model server {settings.local_models_url} (SmolLM2-135M-Instruct: short, "
-            "weak answers; it never calls tools, so Letta does not edit memory), Silero VAD; "
-            "set OPENAI_API_KEY for OpenAI"
+            f"voice), Letta LLM on the local model server {settings.local_models_url} (SmolLM2-135M-Instruct, an "
+            "offline demo model: short, simple answers; it remembers facts about the user through Letta's "
+            "memory_insert), Silero VAD; set OPENAI_API_KEY for OpenAI"
         )
     return (
         f"providers: TEST PROVIDER STT/TTS at {settings.test_provider_url} (deterministic stand-in, not a speech "

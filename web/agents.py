@@ -26,6 +26,8 @@ class AgentInfo:
     id: str
     name: str
     description: str
+    model: str = ""
+    """The agent's chat model id (Letta's llm_config.model): the page says when it is the offline demo model."""
 
 
 class Catalog(Protocol):
@@ -111,7 +113,7 @@ class AgentCatalog:
 
     async def _all(self) -> list[AgentInfo]:
         page = await self.client.agents.list(limit=LIST_LIMIT, order="desc", order_by="created_at", include=[])
-        agents = [_info(a.id, a.name, a.description) for a in page.items]
+        agents = [_info(a.id, a.name, a.description, _model(a)) for a in page.items]
         default_missing = (self.default_id and all(a.id != self.default_id for a in agents)) or (
             not self.default_id and self.default_name and all(a.name != self.default_name for a in agents)
         )
@@ -144,12 +146,17 @@ class AgentCatalog:
             if e.status_code in (400, 404, 422):
                 return None
             raise
-        return _info(a.id, a.name, a.description)
+        return _info(a.id, a.name, a.description, _model(a))
 
     async def _by_name(self, name: str) -> AgentInfo | None:
         page = await self.client.agents.list(name=name, limit=5, include=[])
-        return next((_info(a.id, a.name, a.description) for a in page.items if a.name == name), None)
+        return next((_info(a.id, a.name, a.description, _model(a)) for a in page.items if a.name == name), None)
 
 
-def _info(agent_id: str, name: str | None, description: str | None) -> AgentInfo:
-    return AgentInfo(id=agent_id, name=name or agent_id, description=description or "")
+def _info(agent_id: str, name: str | None, description: str | None, model: str = "") -> AgentInfo:
+    return AgentInfo(id=agent_id, name=name or agent_id, description=description or "", model=model)
+
+
+def _model(agent: object) -> str:
+    config = getattr(agent, "llm_config", None)
+    return str(getattr(config, "model", "") or "")

@@ -31,7 +31,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from livekit import api as lkapi
 
 from sgapp.config import ConfigError, Settings, load_settings
-from sgapp.letta_admin import make_client
+from sgapp.letta_admin import LOCAL_MODEL, make_client
 from web import tickets
 from web.agents import AGENT_ID_RE, AgentCatalog, Catalog, LettaUnavailable
 from web.forwarded import resolve
@@ -341,7 +341,16 @@ async def agents(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "agents": [
-                {"id": a.id, "name": a.name, "description": a.description, "default": a.id == default} for a in found
+                {
+                    "id": a.id,
+                    "name": a.name,
+                    "description": a.description,
+                    "default": a.id == default,
+                    "model": a.model,
+                    # the packaged offline model (no OPENAI_API_KEY): the page says so, quietly
+                    "offline_demo": a.model == LOCAL_MODEL,
+                }
+                for a in found
             ],
             "default": default,
         }

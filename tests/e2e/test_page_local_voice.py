@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 import wave
 from collections.abc import Callable, Iterator
@@ -65,15 +66,48 @@ def local_agent(stack: Stack, letta_sync: Letta) -> Iterator[str]:
         letta_sync.agents.delete(agent_id)
 
 
-def question_wav(path: Path, lead_s: float) -> Path:
+def question_wav(path: Path, lead_s: float, lines: tuple[str, ...] = (QUESTION,), gap_s: float = 12.0) -> Path:
+    """Silence for `lead_s` (the agent joins and greets), then each line with `gap_s` of silence after it (the agent
+    answers), played once by Chromium's fake microphone."""
     voice = offline.PiperTTS(voice=offline.load_piper())
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(voice.sample_rate)
-        silence = b"\0\0" * int(voice.sample_rate * lead_s)
-        w.writeframes(silence + b"".join(voice.synthesize_sync(QUESTION)) + b"\0\0" * voice.sample_rate * 2)
+        w.writeframes(b"\0\0" * int(voice.sample_rate * lead_s))
+        for i, line in enumerate(lines):
+            tail = gap_s if i < len(lines) - 1 else 2.0
+            w.writeframes(b"".join(voice.synthesize_sync(line)) + b"\0\0" * int(voice.sample_rate * tail))
     return path
+
+
+VOICE_ENTRIES = """() => [...document.querySelectorAll('#transcript li')]
+    .filter(li => !li.classList.contains('interim'))
+    .map(li => ({who: li.classList.contains('user') ? 'user' : li.classList.contains('agent') ? 'agent' : 'other',
+                 via: li.dataset.via || '', text: li.querySelector('.text')?.textContent || ''}))"""
+
+
+def spoken_exchanges(ui: BrowserPage, n: int, timeout: float) -> list[tuple[str, str]]:
+    """The first `n` (what the agent heard by voice, the agent's next reply) pairs in the page's transcript."""
+
+    def pairs() -> list[tuple[str, str]]:
+        items = ui.page.evaluate(VOICE_ENTRIES)
+        out: list[tuple[str, str]] = []
+        for i, e in enumerate(items):
+            if e["who"] == "user" and e["via"] == "voice":
+                reply = next((x["text"] for x in items[i + 1 :] if x["who"] == "agent"), None)
+                if reply is None:
+                    break
+                out.append((e["text"], reply))
+        return out
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pairs()
+        if len(got) >= n:
+            return got[:n]
+        time.sleep(0.5)
+    raise AssertionError(f"{n} spoken exchanges within {timeout} s; the page shows {ui.page.evaluate(VOICE_ENTRIES)}")
 
 
 def test_a_spoken_question_in_the_page_gets_an_answer_from_the_local_models(
@@ -106,3 +140,48 @@ def test_a_spoken_question_in_the_page_gets_an_answer_from_the_local_models(
     assert not str(reply).startswith("You said:"), "the test provider answered, not the local model"
     print(f"heard {heard!r}; answered {reply!r}")
     ui.disconnect()
+
+
+def human_block(letta: Letta, agent_id: str) -> str:
+    return next(str(b.value) for b in letta.agents.blocks.list(agent_id) if b.label == "human")
+
+
+def test_a_fact_spoken_in_the_page_is_remembered_after_hanging_up(
+    stack: Stack, worker: WorkerProc, browser: Browser, local_agent: str, letta_sync: Letta, tmp_path: Path
+) -> None:
+    first = tmp_path / "first.wav"
+    ui = browser(wav=question_wav(first, 12.0, ("Hello!", "My favorite color is blue.")), loop=False).open()
+    ui.pick_agent(local_agent)
+    # the page says, quietly, that an offline demo model answers and how to switch
+    note = ui.poll(
+        "() => { const n = document.getElementById('offline-note'); return n && !n.hidden ? n.textContent : null; }",
+        timeout=10,
+        what="the offline demo model notice",
+    )
+    assert "offline demo model" in str(note) and "OPENAI_API_KEY" in str(note), note
+    ui.connect(timeout=60)
+    (hello_heard, hello_reply), (fact_heard, fact_reply) = spoken_exchanges(ui, 2, timeout=150)
+    assert "hello" in words(hello_heard), hello_heard
+    assert {"hello", "hi", "hey", "greetings", "welcome"} & set(words(hello_reply)), hello_reply
+    assert {"favorite", "blue"} <= set(words(fact_heard)), fact_heard
+    deadline = time.monotonic() + 30
+    while "blue" not in human_block(letta_sync, local_agent).lower() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    block = human_block(letta_sync, local_agent)
+    # the model's words: "The user prefers blue over any other color." or "The user loves blue." (both seen)
+    assert "blue" in words(block.split("\n", 1)[-1]) and len(block.splitlines()) >= 2, block
+    ui.disconnect()  # hang up
+
+    # a new session (a fresh browser: new identity, new room, new conversation): only the memory block has it
+    ui2 = browser(wav=question_wav(tmp_path / "second.wav", 12.0, ("What is my favorite color?",)), loop=False).open()
+    ui2.pick_agent(local_agent)
+    ui2.connect(timeout=60)
+    ((ask_heard, answer),) = spoken_exchanges(ui2, 1, timeout=120)
+    assert {"favorite", "color"} <= set(words(ask_heard)), ask_heard
+    # whether SmolLM2-135M says "blue" from the block is not reliable (see tests/integration/test_voice_local.py)
+    assert words(str(answer)) and "spoken aloud" not in str(answer), answer
+    print(
+        f"hello -> {hello_reply!r}; fact -> {fact_reply!r}; block {block!r}; asked again -> {answer!r} "
+        f"(says blue: {'blue' in words(str(answer))})"
+    )
+    ui2.disconnect()

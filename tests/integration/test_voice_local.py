@@ -14,6 +14,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import livekit.plugins.offline as offline
@@ -23,6 +24,7 @@ from livekit import rtc
 
 from tests.support.human import StackInfo, make_token
 from tests.support.voice import (
+    Transcript,
     VoiceParticipant,
     create_local_agent,
     read_wav_48k,
@@ -115,3 +117,78 @@ async def test_spoken_question_gets_a_spoken_answer_from_the_local_models(
         print(f"question heard as {heard!r}; reply {reply!r}; the reply's audio heard as {text!r}")
     finally:
         await human.aclose()
+
+
+def human_block(letta: Letta, agent_id: str) -> str:
+    return next(str(b.value) for b in letta.agents.blocks.list(agent_id) if b.label == "human")
+
+
+async def _session(
+    stack: Stack, agent_id: str, models: offline.OfflineModels, tmp_path: Path, lines: list[str]
+) -> list[tuple[str, str]]:
+    """One voice session in a fresh room: after the agent's greeting, each line is spoken and its spoken reply
+    awaited; then the participant leaves (a hang-up). Returns (what the agent heard, what it answered) per line."""
+    voice = offline.PiperTTS(voice=models.piper)
+    clips = [read_wav_48k(speech_wav(voice, line, tmp_path / f"{uuid.uuid4().hex[:6]}.wav")) for line in lines]
+    info = StackInfo(stack.info.livekit_url, stack.info.api_key, stack.info.api_secret, LOCAL_AGENT_NAME)
+    human = VoiceParticipant()
+    out: list[tuple[str, str]] = []
+    try:
+        room = f"test-voice-mem-{uuid.uuid4().hex[:8]}"
+        await human.join(info.livekit_url, make_token(info, room=room, identity="human-mem", letta_agent_id=agent_id))
+        await human.wait_for(human.is_agent_speech, 120, "no greeting from the agent")
+        await human.wait_reply_audio(after=0.0)
+        for clip in clips:
+            n_heard = len([t for t in human.transcripts if human.is_user_transcript(t)])
+            t_end = await human.speak(clip)
+            await human.wait_for(partial(_reply_after, human, t_end), 120, "no spoken reply from the agent")
+            await asyncio.sleep(2.0)  # the final transcript comes as the speech ends; a short reply is < 0.4 s loud
+            heard = [t[3] for t in human.transcripts if human.is_user_transcript(t)][n_heard:]
+            replies = [t[3] for t in human.transcripts if t[0] > t_end and human.is_agent_speech(t)]
+            out.append((" ".join(heard), " ".join(replies)))
+    finally:
+        await human.aclose()
+    return out
+
+
+def _reply_after(human: VoiceParticipant, t: float, item: Transcript) -> bool:
+    return item[0] > t and human.is_agent_speech(item)
+
+
+GREETING_WORDS = {"hello", "hi", "hey", "greetings", "welcome"}
+
+
+async def test_a_spoken_fact_is_remembered_in_a_new_session_by_the_local_model(
+    stack: Stack,
+    local_worker: WorkerProc,
+    local_agent: str,
+    letta_sync: Letta,
+    models: offline.OfflineModels,
+    tmp_path: Path,
+) -> None:
+    # session 1: a greeting gets a greeting (not the prompt), then the fact
+    (hello_heard, hello_reply), (fact_heard, fact_reply) = await _session(
+        stack, local_agent, models, tmp_path, ["Hello!", "My favorite color is blue."]
+    )
+    assert "hello" in words(hello_heard), hello_heard
+    assert GREETING_WORDS & set(words(hello_reply)), hello_reply
+    assert "spoken aloud" not in hello_reply and "concise voice assistant" not in hello_reply, hello_reply
+    assert {"favorite", "blue"} <= set(words(fact_heard)), fact_heard
+    # the model chose to remember it, and Letta's memory tool wrote it into the `human` block
+    async with asyncio.timeout(30):
+        while "blue" not in human_block(letta_sync, local_agent).lower():
+            await asyncio.sleep(0.5)
+    block = human_block(letta_sync, local_agent)
+    # the model's words: "The user prefers blue over any other color." or "The user loves blue." (both seen)
+    assert "blue" in words(block.split("\n", 1)[-1]) and len(block.splitlines()) >= 2, block
+
+    # session 2 (a new room: the conversation's history is gone, the memory block stays)
+    ((ask_heard, answer),) = await _session(stack, local_agent, models, tmp_path, ["What is my favorite color?"])
+    assert {"favorite", "color"} <= set(words(ask_heard)), ask_heard
+    # The new session's prompt carries the block; whether SmolLM2-135M then says "blue" is the model's quality, not
+    # reliable (3-6 times in 6 on the same prompt): scripts/score-conversations measures it, this test does not.
+    assert words(answer) and "spoken aloud" not in answer and "nothing is known" not in answer.lower(), answer
+    print(
+        f"hello -> {hello_reply!r}; fact -> {fact_reply!r}; human block {block!r}; asked again -> {answer!r} "
+        f"(says blue: {'blue' in words(answer)})"
+    )

@@ -32,24 +32,28 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
-def ensure_local_provider(letta_url: str, localmodels_url: str) -> None:
+def ensure_local_provider(letta_url: str, localmodels_url: str, name: str = LOCAL_PROVIDER) -> None:
     """The local model server as a BYOK `openai` provider in Letta: created, or moved to this URL. Creating it makes
     Letta list the server's models (handle `openai-proxy/smollm2-135m-instruct`) and embeddings
     (`sg-local-models/text-embedding-3-small`, served by MiniLM)."""
     url = letta_url.rstrip("/") + "/v1/providers/"
     body = {
-        "name": LOCAL_PROVIDER,
+        "name": name,
         "provider_type": "openai",
         "api_key": "sk-local-models",
         "base_url": localmodels_url,
     }
     with httpx.Client(timeout=60) as http:
-        existing = http.get(url, params={"name": LOCAL_PROVIDER}).raise_for_status().json()
+        existing = http.get(url, params={"name": name}).raise_for_status().json()
         if not existing:
             http.post(url, json=body).raise_for_status()
-        elif existing[0].get("base_url") != localmodels_url:
+        else:
             pid = existing[0]["id"]
-            http.patch(f"{url}{pid}", json={"api_key": body["api_key"], "base_url": localmodels_url}).raise_for_status()
+            if existing[0].get("base_url") != localmodels_url:
+                http.patch(
+                    f"{url}{pid}", json={"api_key": body["api_key"], "base_url": localmodels_url}
+                ).raise_for_status()
+            # always: a refresh made while the server was down (a restart, another provider's refresh) lists nothing
             http.patch(f"{url}{pid}/refresh").raise_for_status()
 
 

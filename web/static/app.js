@@ -10,6 +10,7 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     agent: $("agent"), agentDesc: $("agent-desc"), connect: $("connect"), disconnect: $("disconnect"),
+    offlineNote: $("offline-note"),
     mute: $("mute"), enableAudio: $("enable-audio"), level: $("level"), levelLabel: $("level-label"), note: $("note"),
     statusBox: $("status-box"), status: $("status"), transcript: $("transcript"), empty: $("empty"),
     chat: $("chat"), message: $("message"), send: $("send"), audio: $("audio"),
@@ -633,6 +634,12 @@
   function describeAgent() {
     const a = agents.find((x) => x.id === el.agent.value);
     el.agentDesc.textContent = a ? (a.description || (a.default ? "The default agent." : "")) : "";
+    // The packaged offline model answers (no OPENAI_API_KEY): say so, and how to switch.
+    el.offlineNote.hidden = !a?.offline_demo;
+    el.offlineNote.textContent = a?.offline_demo
+      ? `An offline demo model (${a.model}, on this machine) is answering: short, simple replies. `
+        + "For a real assistant, set OPENAI_API_KEY and start again."
+      : "";
   }
 
   // --- start-up ------------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from localmodels.chat import (
+    FRAME,
     STYLE,
     BadRequest,
     ToolSpec,
     condense,
+    letta_system,
     memory_blocks,
     parse_tools,
     required_tool,
@@ -31,16 +33,18 @@ LETTA_SYSTEM = (
 )
 
 
-def test_letta_system_prompt_is_condensed_to_persona_human_and_style() -> None:
+def test_letta_system_prompt_is_condensed_to_a_frame_the_human_block_and_style() -> None:
     assert memory_blocks(LETTA_SYSTEM) == {
         "persona": "You are a friendly, concise voice assistant.",
         "human": "Name: Ada. Likes tea.",
     }
     prompt = condense([{"role": "system", "content": LETTA_SYSTEM}, {"role": "user", "content": "Hi there"}])
     assert prompt[0]["role"] == "system"
-    assert "base_instructions" not in prompt[0]["content"] and "Letta" not in prompt[0]["content"]
-    assert "friendly, concise voice assistant" in prompt[0]["content"] and "Ada" in prompt[0]["content"]
-    assert prompt[0]["content"].endswith(STYLE)
+    system = prompt[0]["content"]
+    assert "base_instructions" not in system and "Letta" not in system
+    # the persona block is Letta's instructions: a small model given them recites them (issue 14)
+    assert "concise voice assistant" not in system
+    assert system.startswith(FRAME) and "Name: Ada. Likes tea." in system and system.endswith(STYLE)
     assert prompt[1:] == [{"role": "user", "content": "Hi there"}]
 
 
@@ -149,3 +153,10 @@ def test_the_model_id_letta_is_told_to_prefer_is_the_one_the_server_lists() -> N
         timeout=60,
     ).stdout.strip()
     assert out == LOCAL_MODEL
+
+
+def test_the_human_blocks_placeholder_goes_once_facts_are_there() -> None:
+    empty = letta_system({"human": "Nothing is known about the user yet."})
+    assert "Nothing is known about the user yet." in empty
+    known = letta_system({"human": "Nothing is known about the user yet.\nThe user's favorite color is blue."})
+    assert "Nothing is known" not in known and "The user's favorite color is blue." in known

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sgapp.config import load_settings
+from sgapp.letta_admin import LOCAL_MODEL
 from web import tickets
 from web.agents import AgentInfo, LettaUnavailable
 from web.server import make_app
@@ -35,8 +36,10 @@ BASE_ENV = {
     "SG_RECONNECT_WINDOW": "10",
     "SG_WORKER_PORT": "1",
 }
-ADA = AgentInfo(id="agent-00000000-0000-4000-8000-00000000000a", name="ada", description="The default one.")
-BOB = AgentInfo(id="agent-00000000-0000-4000-8000-00000000000b", name="bob", description="")
+ADA = AgentInfo(
+    id="agent-00000000-0000-4000-8000-00000000000a", name="ada", description="The default one.", model="gpt-4o-mini"
+)
+BOB = AgentInfo(id="agent-00000000-0000-4000-8000-00000000000b", name="bob", description="", model=LOCAL_MODEL)
 UNKNOWN = "agent-00000000-0000-4000-8000-0000000000ff"
 
 
@@ -115,8 +118,16 @@ async def test_agents_lists_the_catalog_with_the_default_flagged(client: Client)
     body = await r.json()
     assert body["default"] == ADA.id
     assert body["agents"] == [
-        {"id": ADA.id, "name": "ada", "description": "The default one.", "default": True},
-        {"id": BOB.id, "name": "bob", "description": "", "default": False},
+        {
+            "id": ADA.id,
+            "name": "ada",
+            "description": "The default one.",
+            "default": True,
+            "model": "gpt-4o-mini",
+            "offline_demo": False,
+        },
+        # on the packaged offline model: the page says so next to the picker
+        {"id": BOB.id, "name": "bob", "description": "", "default": False, "model": LOCAL_MODEL, "offline_demo": True},
     ]
 
 
