@@ -161,7 +161,11 @@ async def entrypoint(ctx: JobContext) -> None:
     voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
     options = sg.SessionGuardOptions(
-        reconnect_window=SETTINGS.reconnect_window, no_show_timeout=SETTINGS.no_show_timeout
+        reconnect_window=SETTINGS.reconnect_window,
+        no_show_timeout=SETTINGS.no_show_timeout,
+        # Five failed Letta turns in a row end the session. Not the AgentSession's own breaker alone: it resets its
+        # count whenever the agent speaks, and every failed turn here is answered with a spoken apology.
+        max_consecutive_errors=5,
     )
     guard = sg.SessionGuard(ctx.room, options, metrics=metrics.guard)
     # Before the connection hook: the session's conversation exists when it asks for its LLM.
