@@ -39,6 +39,8 @@ class RunFigures:
     """lk's "Agent Join Delay" per joined room, seconds"""
     job_rss_mb: list[float]
     """per process that ran a job: the largest RSS sampled while it lived"""
+    job_private_mb: list[float]
+    """the same for its private memory (RSS less the pages it still shares with the forkserver)"""
     call_cpu_s: float
     """CPU seconds of all job processes while lk ran (its rooms live)"""
     call_s: float
@@ -60,6 +62,10 @@ class RunFigures:
         return statistics.mean(self.job_rss_mb) if self.job_rss_mb else float("nan")
 
     @property
+    def private_per_job_mb(self) -> float:
+        return statistics.mean(self.job_private_mb) if self.job_private_mb else float("nan")
+
+    @property
     def cpu_pct_per_room(self) -> float:
         """% of one core per room during the call: call CPU / rooms / call time."""
         return 100.0 * self.call_cpu_s / self.rooms / self.call_s if self.rooms and self.call_s > 0 else float("nan")
@@ -73,6 +79,7 @@ FIGURES: dict[str, Callable[[RunFigures], float]] = {
     "join delay p50 (s)": lambda r: r.join_p50,
     "join delay p95 (s)": lambda r: r.join_p95,
     "RSS per job process (MB)": lambda r: r.rss_per_job_mb,
+    "private memory per job process (MB)": lambda r: r.private_per_job_mb,
     "CPU per room, during the call (% of a core)": lambda r: r.cpu_pct_per_room,
     "CPU per room, teardown (s)": lambda r: r.teardown_cpu_s_per_room,
 }
@@ -95,14 +102,15 @@ def ratios(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 def run_table(runs: list[RunFigures]) -> str:
     lines = [
-        "| run | starter | load avg | joined | join p50 s | join p95 s | RSS/job MB | CPU %/room (call) "
-        "| teardown CPU s/room |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | starter | load avg | joined | join p50 s | join p95 s | RSS/job MB | private/job MB "
+        "| CPU %/room (call) | teardown CPU s/room |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(runs, 1):
         lines.append(
             f"| {i} | {r.starter} | {r.loadavg} | {r.joined}/{r.rooms} | {r.join_p50:.2f} | {r.join_p95:.2f} "
-            f"| {r.rss_per_job_mb:.0f} | {r.cpu_pct_per_room:.1f} | {r.teardown_cpu_s_per_room:.2f} |"
+            f"| {r.rss_per_job_mb:.0f} | {r.private_per_job_mb:.0f} | {r.cpu_pct_per_room:.1f} "
+            f"| {r.teardown_cpu_s_per_room:.2f} |"
         )
     return "\n".join(lines)
 

@@ -39,7 +39,9 @@ def test_text_lines_and_broken_json_are_skipped() -> None:
     assert job_pids(text + STARTER_LOG, WORKER_PID) == {11009, 11012}
 
 
-def figures(starter: str, rss: list[float], call_cpu_s: float, teardown_cpu_s: float) -> RunFigures:
+def figures(
+    starter: str, rss: list[float], call_cpu_s: float, teardown_cpu_s: float, private: list[float] | None = None
+) -> RunFigures:
     rows = parse_agent_load_test((HERE / "lk_agent_load_test_2rooms.txt").read_text())
     return RunFigures(
         starter=starter,
@@ -47,6 +49,7 @@ def figures(starter: str, rss: list[float], call_cpu_s: float, teardown_cpu_s: f
         joined=sum(r.agent_joined for r in rows),
         join_delays=[r.join_delay for r in rows if r.join_delay is not None],
         job_rss_mb=rss,
+        job_private_mb=private or [],
         call_cpu_s=call_cpu_s,
         call_s=50.0,
         teardown_cpu_s=teardown_cpu_s,
@@ -55,19 +58,21 @@ def figures(starter: str, rss: list[float], call_cpu_s: float, teardown_cpu_s: f
 
 
 def test_figures_of_one_run() -> None:
-    r = figures("guarded", [201.5, 198.5], call_cpu_s=12.0, teardown_cpu_s=1.0)
+    r = figures("guarded", [201.5, 198.5], call_cpu_s=12.0, teardown_cpu_s=1.0, private=[60.0, 70.0])
     assert r.join_p50 == pytest.approx((1.195088862 + 0.729396578) / 2)
     assert r.join_p95 == pytest.approx(1.195088862)
     assert r.rss_per_job_mb == pytest.approx(200.0)
+    assert r.private_per_job_mb == pytest.approx(65.0)
     assert r.cpu_pct_per_room == pytest.approx(100 * 12.0 / 2 / 50.0)  # 12 %
     assert r.teardown_cpu_s_per_room == pytest.approx(0.5)
     row = run_table([r]).splitlines()[-1]
-    assert row == "| 1 | guarded | 2.10 2.50 3.00 | 2/2 | 0.96 | 1.20 | 200 | 12.0 | 0.50 |"
+    assert row == "| 1 | guarded | 2.10 2.50 3.00 | 2/2 | 0.96 | 1.20 | 200 | 65 | 12.0 | 0.50 |"
 
 
 def test_a_run_without_joins_or_job_processes_is_nan_not_an_error() -> None:
-    r = RunFigures("plain", 4, 0, [], [], 0.0, 0.0, 0.0, "1 1 1")
+    r = RunFigures("plain", 4, 0, [], [], [], 0.0, 0.0, 0.0, "1 1 1")
     assert math.isnan(r.join_p50) and math.isnan(r.join_p95) and math.isnan(r.rss_per_job_mb)
+    assert math.isnan(r.private_per_job_mb)
     assert math.isnan(r.cpu_pct_per_room)
     assert medians([r])["join delay p50 (s)"] != medians([r])["join delay p50 (s)"]  # NaN
 
@@ -92,6 +97,26 @@ def _burn(seconds: float) -> None:
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
+
+
+def test_private_memory_is_less_than_rss_for_a_forked_child() -> None:
+    """A forkserver child shares the forkserver's pages: its private memory is well under its RSS."""
+    ctx = multiprocessing.get_context("forkserver")
+    done = ctx.Event()
+    p = ctx.Process(target=done.wait, args=(30,))
+    p.start()
+    try:
+        assert p.pid is not None
+        deadline = time.monotonic() + 10
+        while (st := procs.stat(p.pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        priv = procs.private_mb(p.pid)
+        assert st is not None and priv is not None
+        assert 0 < priv < st.rss_mb
+    finally:
+        done.set()
+        p.join(30)
+    assert procs.private_mb(p.pid) is None
 
 
 def test_jobs_cpu_s_counts_job_processes_that_ended() -> None:
