@@ -100,13 +100,14 @@ def ratios(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: a[k] / b[k] if b.get(k) else float("nan") for k in a}
 
 
-def run_table(runs: list[RunFigures]) -> str:
+def run_table(runs: list[RunFigures], first: int = 1) -> str:
+    """A markdown table, a row per run, numbered from `first`."""
     lines = [
         "| run | starter | load avg | joined | join p50 s | join p95 s | RSS/job MB | private/job MB "
         "| CPU %/room (call) | teardown CPU s/room |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for i, r in enumerate(runs, 1):
+    for i, r in enumerate(runs, first):
         lines.append(
             f"| {i} | {r.starter} | {r.loadavg} | {r.joined}/{r.rooms} | {r.join_p50:.2f} | {r.join_p95:.2f} "
             f"| {r.rss_per_job_mb:.0f} | {r.private_per_job_mb:.0f} | {r.cpu_pct_per_room:.1f} "

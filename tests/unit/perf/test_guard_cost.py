@@ -65,8 +65,8 @@ def test_figures_of_one_run() -> None:
     assert r.private_per_job_mb == pytest.approx(65.0)
     assert r.cpu_pct_per_room == pytest.approx(100 * 12.0 / 2 / 50.0)  # 12 %
     assert r.teardown_cpu_s_per_room == pytest.approx(0.5)
-    row = run_table([r]).splitlines()[-1]
-    assert row == "| 1 | guarded | 2.10 2.50 3.00 | 2/2 | 0.96 | 1.20 | 200 | 65 | 12.0 | 0.50 |"
+    row = run_table([r], first=3).splitlines()[-1]
+    assert row == "| 3 | guarded | 2.10 2.50 3.00 | 2/2 | 0.96 | 1.20 | 200 | 65 | 12.0 | 0.50 |"
 
 
 def test_a_run_without_joins_or_job_processes_is_nan_not_an_error() -> None:
