@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,18 @@ def ratios(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: a[k] / b[k] if b.get(k) else float("nan") for k in a}
 
 
+def pair_ratios(guarded: list[RunFigures], plain: list[RunFigures]) -> dict[str, float]:
+    """Per figure, the median over the pairs (the i-th guarded run with the i-th plain run, run back to back) of
+    guarded / plain: a drift in the machine's load between pairs cancels out, unlike in a ratio of medians."""
+    out: dict[str, float] = {}
+    for name, get in FIGURES.items():
+        values = [
+            q for a, b in zip(guarded, plain, strict=False) if (q := get(a) / get(b) if get(b) else math.nan) == q
+        ]
+        out[name] = statistics.median(values) if values else math.nan
+    return out
+
+
 def run_table(runs: list[RunFigures], first: int = 1) -> str:
     """A markdown table, a row per run, numbered from `first`."""
     lines = [
@@ -117,11 +130,11 @@ def run_table(runs: list[RunFigures], first: int = 1) -> str:
 
 
 def summary_table(guarded: list[RunFigures], plain: list[RunFigures]) -> str:
-    a, b = medians(guarded), medians(plain)
+    a, b, paired = medians(guarded), medians(plain), pair_ratios(guarded, plain)
     lines = [
-        f"| median of {len(guarded)} / {len(plain)} runs | guarded (A) | plain (B) | A/B |",
-        "|---|---:|---:|---:|",
+        f"| median of {len(guarded)} / {len(plain)} runs | guarded (A) | plain (B) | A/B | A/B per pair (median) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, ratio in ratios(a, b).items():
-        lines.append(f"| {name} | {a[name]:.2f} | {b[name]:.2f} | {ratio:.3f} |")
+        lines.append(f"| {name} | {a[name]:.2f} | {b[name]:.2f} | {ratio:.3f} | {paired[name]:.3f} |")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from perf import procs
-from perf.guard_cost import RunFigures, job_pids, medians, ratios, run_table, summary_table
+from perf.guard_cost import RunFigures, job_pids, medians, pair_ratios, ratios, run_table, summary_table
 from perf.lktable import parse_agent_load_test
 
 HERE = Path(__file__).parent
@@ -90,7 +90,21 @@ def test_medians_and_ratios() -> None:
     assert r["CPU per room, teardown (s)"] == pytest.approx(0.5)
     assert math.isnan(ratios({"x": 1.0}, {"x": 0.0})["x"])
     table = summary_table(a, b)
-    assert "| RSS per job process (MB) | 210.00 | 200.00 | 1.050 |" in table.splitlines()
+    assert "| RSS per job process (MB) | 210.00 | 200.00 | 1.050 | 1.050 |" in table.splitlines()
+
+
+def test_pair_ratios_cancel_a_drift_in_load() -> None:
+    """scripts/guard-cost's two full passes, six pairs (CPU % of a core per room in the call): the second pass ran on
+    a busier machine, which moves the ratio of the medians (16.95 / 15.65) but not the median of the pair ratios."""
+    guarded_pct, plain_pct = (14.3, 14.5, 16.3, 17.6, 18.2, 19.1), (15.6, 15.6, 15.7, 15.3, 16.8, 19.5)
+    a = [figures("guarded", [424.0], c * 2 * 50.0 / 100, 0.4) for c in guarded_pct]
+    b = [figures("plain", [423.0], c * 2 * 50.0 / 100, 6.0) for c in plain_pct]
+    assert [r.cpu_pct_per_room for r in a] == pytest.approx(guarded_pct)
+    cpu = "CPU per room, during the call (% of a core)"
+    assert ratios(medians(a), medians(b))[cpu] == pytest.approx(16.95 / 15.65)  # 1.083
+    assert pair_ratios(a, b)[cpu] == pytest.approx((19.1 / 19.5 + 16.3 / 15.7) / 2)  # 1.009
+    assert pair_ratios(a, b)["RSS per job process (MB)"] == pytest.approx(424 / 423)
+    assert math.isnan(pair_ratios([], [])[cpu])
 
 
 def _burn(seconds: float) -> None:
