@@ -18,6 +18,8 @@ class ProcStat:
     rss_mb: float
     fds: int
     threads: int
+    reaped_cpu_s: float = 0.0
+    """cutime + cstime: CPU seconds of its children that ended and were waited for"""
 
 
 def stat(pid: int) -> ProcStat | None:
@@ -29,13 +31,27 @@ def stat(pid: int) -> ProcStat | None:
         return None
     fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
     cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    reaped = (int(fields[13]) + int(fields[14])) / CLK_TCK  # cutime, cstime
     rss_kb, threads = 0, 0
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
             rss_kb = int(line.split()[1])
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
-    return ProcStat(pid=pid, cpu_s=cpu, rss_mb=rss_kb / 1024, fds=fds, threads=threads)
+    return ProcStat(pid=pid, cpu_s=cpu, rss_mb=rss_kb / 1024, fds=fds, threads=threads, reaped_cpu_s=reaped)
+
+
+def private_mb(pid: int) -> float | None:
+    """Memory only this process maps (Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup), MB: unlike RSS it
+    leaves out the pages a forked job process still shares with its forkserver. None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    kb = sum(
+        int(line.split()[1]) for line in text.splitlines() if line.startswith(("Private_Clean:", "Private_Dirty:"))
+    )
+    return kb / 1024
 
 
 def children(pid: int) -> list[int]:
@@ -62,14 +78,26 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def forkservers(worker_pid: int) -> list[int]:
+    """The worker's multiprocessing forkserver(s): the parents of its job processes."""
+    return [c for c in children(worker_pid) if "forkserver" in (cmd := cmdline(c)) and "resource_tracker" not in cmd]
+
+
 def job_processes(worker_pid: int) -> list[int]:
     """The worker's job processes: children of its forkserver (idle pre-started ones included)."""
-    out: list[int] = []
-    for c in children(worker_pid):
-        cmd = cmdline(c)
-        if "forkserver" in cmd and "resource_tracker" not in cmd:
-            out += [p for p in children(c) if "resource_tracker" not in cmdline(p)]
-    return out
+    return [p for f in forkservers(worker_pid) for p in children(f) if "resource_tracker" not in cmdline(p)]
+
+
+def jobs_cpu_s(worker_pid: int) -> float:
+    """CPU seconds used so far by every job process the worker ever had: the live ones' own CPU plus, in the
+    forkserver's cutime/cstime, that of the ones that ended (the forkserver waits for its children). Exact over a
+    window, unlike sampling, which misses a process's CPU before it is first seen and after it is last seen."""
+    total = 0.0
+    for f in forkservers(worker_pid):
+        live = [s for p in children(f) if "resource_tracker" not in cmdline(p) and (s := stat(p)) is not None]
+        fs = stat(f)
+        total += sum(s.cpu_s + s.reaped_cpu_s for s in live) + (fs.reaped_cpu_s if fs else 0.0)
+    return total
 
 
 def machine() -> str:

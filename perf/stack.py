@@ -69,17 +69,19 @@ def stack_env(profile: str) -> dict[str, str]:
     return env
 
 
-def ensure_stack(profile: str) -> Stack:
-    """The profile's stack; brought up if it is down (and then `down_if_started` stops it again)."""
+def ensure_stack(profile: str, *, letta_agent: bool = True) -> Stack:
+    """The profile's stack; brought up if it is down (and then `down_if_started` stops it again). `letta_agent`:
+    also make sure the default Letta agent exists (what agent.py's worker serves)."""
     script = str(ROOT / "scripts" / "stack")
     up = subprocess.run([script, "--profile", profile, "status"], capture_output=True).returncode == 0
     if not up:
         say(f"stack ({profile}) is not up: scripts/stack --profile {profile} up")
         subprocess.run([script, "--profile", profile, "up"], check=True)
     stack = Stack(profile=profile, env=stack_env(profile), started_here=not up)
-    env = {**os.environ, **stack.env}
-    env.pop("OPENAI_API_KEY", None)
-    stack.default_agent_id = bootstrap(env)
+    if letta_agent:
+        env = {**os.environ, **stack.env}
+        env.pop("OPENAI_API_KEY", None)
+        stack.default_agent_id = bootstrap(env)
     return stack
 
 
@@ -145,15 +147,17 @@ class Worker:
         return time.monotonic() - t0
 
 
-def spawn_agent_worker(env: Mapping[str, str], log: Path, header: str = "") -> tuple[subprocess.Popen[bytes], int]:
-    """`python agent.py start` in its own process group (so a stop can reach its job processes), output appended to
-    `log` after `header`; the process and where its part of the log starts."""
+def spawn_agent_worker(
+    env: Mapping[str, str], log: Path, header: str = "", script: Path = ROOT / "agent.py"
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`python <script> start` (agent.py unless told) in its own process group (so a stop can reach its job
+    processes), output appended to `log` after `header`; the process and where its part of the log starts."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         offset = f.tell()
         f.write(header.encode())
         proc = subprocess.Popen(
-            [str(PYTHON), str(ROOT / "agent.py"), "start"],
+            [str(PYTHON), str(script), "start"],
             cwd=ROOT,
             env=dict(env),
             stdout=f,
