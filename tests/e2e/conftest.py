@@ -46,6 +46,16 @@ WINDOW = 10.0
 CHROMIUM = os.environ.get("SG_CHROMIUM", "/usr/bin/chromium")
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within 10 s; always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if Path(CHROMIUM).exists():
         return
@@ -132,12 +142,7 @@ def run_web_server(
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 def write_wav(path: Path, *, text: str | None = None, lead_s: float = 0.0, tail_s: float = 1.0) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import E2E_AGENT_NAME, WebServer, browsers, run_web_server, write_wav
+from tests.e2e.conftest import E2E_AGENT_NAME, WebServer, browsers, run_web_server, stop_process, write_wav
 from tests.e2e.page import LIVE_STATES, BrowserPage
 from tests.integration.conftest import Stack, WorkerProc, free_port, wait_until
 
@@ -142,12 +142,7 @@ def run_caddy(directory: Path, port: int, livekit: str, web: str) -> Iterator[tu
         wait_until(up, 20, 0.1, "caddy to listen with its certificate")
         yield spki_sha256(leaf.read_text()), log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
