@@ -107,6 +107,9 @@ class EndReason(enum.StrEnum):
     """The guard was closed (job shutdown)."""
     ROOM_DISCONNECTED = "room_disconnected"
     """The agent itself left the room."""
+    MOVED = "moved"
+    """The session goes on in another process (a handoff on deploy, or this job lost its room's lease): no goodbye,
+    its saved state is kept for the new owner, and end hooks must not retire what the session still uses."""
 
 
 class TimerKind(enum.StrEnum):

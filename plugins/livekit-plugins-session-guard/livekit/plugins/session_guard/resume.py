@@ -27,13 +27,38 @@ class ResumeState:
     chat: dict[str, Any]
     """``ChatContext.to_dict()`` of the connection that stopped (text only: no audio, no images)."""
     saved_at: float = field(default_factory=time.time)
+    shared: dict[str, Any] = field(default_factory=dict)
+    """``GuardSession.shared`` when saved: JSON-able data of the app and plugins that must follow the session to
+    another process (e.g. the Letta conversation id)."""
+    started_at: float = 0.0
+    """Wall-clock start of the session (its first connection), for ``max_duration`` across processes."""
+    resumes: int = 0
+    """Resumes so far (``GuardSession.resumes`` when saved)."""
 
     def chat_ctx(self) -> llm.ChatContext:
         return llm.ChatContext.from_dict(self.chat)
 
     @classmethod
-    def of(cls, room: str, identity: str, session_id: str, history: llm.ChatContext) -> ResumeState:
-        return cls(room, identity, session_id, history.to_dict(exclude_function_call=False))
+    def of(
+        cls,
+        room: str,
+        identity: str,
+        session_id: str,
+        history: llm.ChatContext,
+        *,
+        shared: dict[str, Any] | None = None,
+        started_at: float = 0.0,
+        resumes: int = 0,
+    ) -> ResumeState:
+        return cls(
+            room,
+            identity,
+            session_id,
+            history.to_dict(exclude_function_call=False),
+            shared=dict(shared or {}),
+            started_at=started_at,
+            resumes=resumes,
+        )
 
 
 class ResumeStore(Protocol):

@@ -82,7 +82,10 @@ class GuardSession:
         self.connection = connection
         """The current (or last) connection; ``connection.scope`` stops on AWAY."""
         self.userdata: dict[str, Any] = {}
-        """State of the app and plugins for this session; cleared when the session ends."""
+        """State of the app and plugins for this session, in this process; cleared when the session ends."""
+        self.shared: dict[str, Any] = {}
+        """JSON-able state that follows the session to another process (saved with its ``ResumeState``; restored
+        when a job adopts the session after a crash or a handoff), e.g. ``{"letta": {"conversation_id": ...}}``."""
         self.tracks: dict[str, rtc.RemoteTrackPublication | None] = {}
         """Track publications of the current connection, by track SID."""
         self.session_id = uuid.uuid4().hex
