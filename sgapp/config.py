@@ -456,6 +456,16 @@ class WebSettings(_EnvModel):
         example="127.0.0.1,::1",
     )
     quiet: bool = env("SG_WEB_QUIET", False, "No access log lines from the web server.", example="1")
+    agent_return_wait_setting: float | None = env(
+        "SG_AGENT_RETURN_WAIT",
+        None,
+        "Seconds the page waits in its room for a new agent when its agent vanished (a worker crashed or was "
+        "deployed: another one takes the room over) before it starts over in a new room. Default: SG_RECONNECT_WINDOW, "
+        "at least 30.",
+        example="30",
+        ge=1.0,
+        le=3600.0,
+    )
 
     @field_validator("agent_allowlist", mode="before")
     @classmethod
@@ -510,6 +520,12 @@ class WebSettings(_EnvModel):
     @property
     def livekit_url(self) -> str:
         return self.public_livekit_url or self.app.livekit_url
+
+    @property
+    def agent_return_wait(self) -> float:
+        if self.agent_return_wait_setting is not None:
+            return self.agent_return_wait_setting
+        return max(30.0, self.app.reconnect_window)
 
 
 # ---------------------------------------------------------------------------------------------------------- stack

@@ -316,6 +316,9 @@ async def token(request: web.Request) -> web.Response:
             "resume": ticket,
             "resume_expires_in": settings.ticket_ttl,
             "resumed": resumed,
+            # what the page needs when its agent vanishes: which agents are this room's, how long to wait for one
+            "agent_name": settings.app.agent_name,
+            "agent_return_wait": settings.agent_return_wait,
         }
     )
 

@@ -3,10 +3,13 @@
 // One Room object per connection, always awaited to disconnect before the next one starts. A refresh or a network
 // drop rejoins the same room with the resume ticket kept in sessionStorage (the server resumes the session inside
 // its reconnect window); Disconnect is a hang-up: the ticket is dropped and the next Connect starts fresh.
+// When the room's agent vanishes (its worker crashed or was deployed), the page stays in the room and talks to the
+// agent that takes the room over (agentwatch.js decides which one and what to show); a new room is the last resort.
 "use strict";
 
 (() => {
   const LK = window.LivekitClient;
+  const W = window.SGAgentWatch;
   const $ = (id) => document.getElementById(id);
   const el = {
     agent: $("agent"), agentDesc: $("agent-desc"), connect: $("connect"), disconnect: $("disconnect"),
@@ -20,15 +23,24 @@
   const KEY_AGENT = "sg.agent";
   const KEY_TICKET = "sg.resume";
   const KEY_TRANSCRIPT = "sg.transcript";
+  /** A takeover under way ({room, lostAt, from}): a refresh meanwhile keeps waiting for the same deadline. */
+  const KEY_TAKEOVER = "sg.takeover";
   const AGENT_STATE = "lk.agent.state";
+  const AGENT_NAME = "lk.agent.name";
   const MAX_ENTRIES = 200;
-  /** How long a new room may wait for its agent before the page tries a new room. LiveKit dispatches an agent once,
-   * when the room is created; if no worker takes the job (all busy) the room stays without one. */
+  /** How long a new room may wait for its first agent before the page tries a new room. LiveKit dispatches an agent
+   * once, when the room is created; if no worker takes the job (all busy) the room stays without one. (A room whose
+   * agent vanished waits longer for a new one: the token server's `agent_return_wait`, agentwatch.js.) */
   const AGENT_WAIT_MS = 10000;
   const MAX_ROOM_TRIES = 3;
   /** Typed text waits for the greeting to end (at most this long): a message that interrupts the greeting in its
    * first moments was seen to lose its reply (LiveKit Agents 1.8.9; see the report in docs/web.md). */
   const GREETING_WAIT_MS = 8000;
+  /** After a takeover, typed text waits this long for the new agent to start a greeting (an adopted session does
+   * not greet; a fresh one does). */
+  const TAKEOVER_QUIET_MS = 2000;
+  /** How long "reconnected" stays in the status line after a takeover. */
+  const NOTICE_MS = 6000;
 
   /** The live connection, or null. */
   let current = null;
@@ -92,6 +104,7 @@
     thinking: "Agent is thinking…",
     speaking: "Agent is speaking",
     reconnecting: "Connection lost · reconnecting…",
+    "agent-reconnecting": "Agent reconnecting…",
     disconnecting: "Hanging up…",
     ended: "Disconnected",
     error: "Error",
@@ -102,19 +115,12 @@
     el.status.textContent = detail ? `${STATE_TEXT[state]} — ${detail}` : STATE_TEXT[state];
   }
 
-  function agentState(conn) {
-    if (!conn.agent) return conn.agentLeft ? ["waiting", "the agent left; waiting for it to come back"] : ["waiting"];
-    const s = conn.agent.attributes?.[AGENT_STATE];
-    if (s === "listening" || s === "thinking" || s === "speaking" || s === "initializing") return [s];
-    if (s === "idle") return ["listening"];
-    return ["initializing"];
-  }
-
   function refreshStatus(conn) {
     if (conn !== current || !conn.connected) return;
     if (conn.reconnecting) { setStatus("reconnecting"); return; }
-    const [state, detail] = agentState(conn);
-    setStatus(state, detail);
+    const [state, detail] = W.status(conn.watch, conn.agent?.attributes?.[AGENT_STATE]);
+    const notice = conn.watch.phase === "live" && Date.now() < conn.noticeUntil ? "agent reconnected" : undefined;
+    setStatus(state, detail ?? notice);
     if (conn.agent && conn.resumed && !conn.markedResumed) { conn.markedResumed = true; mark("sg:resumed"); }
     if (agentReady(conn)) flushOutbox(conn);
   }
@@ -123,12 +129,24 @@
    * it has finished greeting a fresh session. */
   function agentReady(conn) {
     const state = conn.agent?.attributes?.[AGENT_STATE];
-    if (!state) return false;
+    if (!state || conn.watch.phase !== "live") return false;
     if (!conn.greeted) {
       if (state === "speaking") conn.heardSpeaking = true;
       else if (conn.heardSpeaking && state !== "initializing") conn.greeted = true;
       if (!conn.greetTimer && !conn.greeted) {
-        conn.greetTimer = setTimeout(() => { conn.greeted = true; refreshStatus(conn); }, GREETING_WAIT_MS);
+        // At most GREETING_WAIT_MS; after a takeover only TAKEOVER_QUIET_MS unless the new agent started speaking.
+        const started = Date.now();
+        const check = () => {
+          const waited = Date.now() - started;
+          if (conn.greeted) return;
+          if (waited >= GREETING_WAIT_MS || (!conn.heardSpeaking && waited >= conn.quietMs)) {
+            conn.greeted = true;
+            refreshStatus(conn);
+            return;
+          }
+          conn.greetTimer = setTimeout(check, Math.min(GREETING_WAIT_MS - waited, 500));
+        };
+        conn.greetTimer = setTimeout(check, Math.min(conn.quietMs, GREETING_WAIT_MS));
       }
     }
     return conn.greeted;
@@ -343,6 +361,13 @@
   function dropTicket() {
     writeJSON("session", KEY_TICKET, null);
     writeJSON("session", KEY_TRANSCRIPT, null);
+    writeJSON("session", KEY_TAKEOVER, null);
+  }
+
+  /** The takeover saved for `room` by an earlier page of this tab (a refresh while "Agent reconnecting…"). */
+  function savedTakeover(room) {
+    const t = readJSON("session", KEY_TAKEOVER);
+    return t && t.room === room && Number.isFinite(t.lostAt) ? t : null;
   }
 
   function startRenewal(conn) {
@@ -372,32 +397,17 @@
     const E = LK.RoomEvent;
     room.registerTextStreamHandler("lk.transcription", (reader, info) => onTranscription(conn, reader, info));
     room
-      .on(E.ParticipantConnected, (p) => {
-        if (isAgent(p)) { conn.agent = p; clearTimeout(conn.agentTimer); refreshStatus(conn); }
-      })
-      .on(E.ParticipantDisconnected, (p) => {
-        if (conn.agent && p.identity === conn.agent.identity) {
-          // Another agent may still be here (a duplicate dispatch leaves, the first agent stays).
-          conn.agent = [...room.remoteParticipants.values()].find((q) => isAgent(q) && q.identity !== p.identity) ?? null;
-          if (!conn.agent) {
-            // LiveKit never dispatches a room twice: if no agent comes back (its job ended, its worker died or
-            // drained), this room stays empty. Wait a moment, then go on in a new room.
-            conn.agentLeft = true;
-            clearTimeout(conn.agentTimer);
-            conn.agentTimer = setTimeout(() => noAgent(conn), AGENT_WAIT_MS);
-          }
-          refreshStatus(conn);
-        }
-      })
-      .on(E.ParticipantAttributesChanged, (changed, p) => {
-        if (isAgent(p)) { conn.agent = p; clearTimeout(conn.agentTimer); refreshStatus(conn); }
-      })
+      .on(E.ParticipantConnected, (p) => { if (isAgent(p)) updateAgent(conn); })
+      .on(E.ParticipantDisconnected, (p) => { if (isAgent(p)) updateAgent(conn, p); })
+      .on(E.ParticipantAttributesChanged, (changed, p) => { if (isAgent(p)) updateAgent(conn); })
       .on(E.Reconnecting, () => { conn.reconnecting = true; refreshStatus(conn); })
       .on(E.SignalReconnecting, () => { conn.reconnecting = true; refreshStatus(conn); })
-      .on(E.Reconnected, () => { conn.reconnecting = false; refreshStatus(conn); })
-      .on(E.TrackSubscribed, (track) => {
+      .on(E.Reconnected, () => { conn.reconnecting = false; updateAgent(conn); })
+      .on(E.TrackSubscribed, (track, pub, participant) => {
+        // Every agent's audio plays: after a takeover the new agent's track arrives here like the first one's.
         if (track.kind !== LK.Track.Kind.Audio) return;
         const audio = track.attach();
+        audio.dataset.participant = participant?.identity ?? "";
         el.audio.append(audio);
       })
       .on(E.TrackUnsubscribed, (track) => { track.detach().forEach((a) => a.remove()); })
@@ -406,9 +416,65 @@
       .on(E.Disconnected, (reason) => { onDisconnected(conn, reason); });
   }
 
+  /** The room's agent participants as agentwatch.js records (`gone`: one being removed, left out). */
+  function agentRecords(conn, gone) {
+    const list = [];
+    for (const p of conn.room.remoteParticipants.values()) {
+      if (!isAgent(p) || p.identity === gone?.identity) continue;
+      if (!conn.seen.has(p.identity)) conn.seen.set(p.identity, ++conn.seq);
+      list.push({
+        identity: p.identity, name: p.attributes?.[AGENT_NAME] ?? "", joinedAt: p.joinedAt?.getTime() ?? 0,
+        seq: conn.seen.get(p.identity), state: p.attributes?.[AGENT_STATE] ?? "",
+      });
+    }
+    return list;
+  }
+
+  /** Something about the room's agents changed (or may have): pick the agent to talk to, show it, arm the timer. */
+  function updateAgent(conn, gone) {
+    if (conn !== current || !conn.connected) return;
+    if (gone) conn.seen.delete(gone.identity);
+    const prev = conn.watch;
+    const next = W.track(prev, { agents: agentRecords(conn, gone), agentName: conn.info.agent_name, now: Date.now() });
+    conn.watch = next;
+    conn.agent = next.agent === null ? null : conn.room.remoteParticipants.get(next.agent) ?? null;
+    if (next.phase !== prev.phase || next.agent !== prev.agent) {
+      console.info(`agent ${prev.agent ?? "-"} (${prev.phase}) → ${next.agent ?? "-"} (${next.phase}) in ${conn.info.room}`);
+    }
+    if (prev.hadAgent && next.agent !== null && next.agent !== prev.agent) {
+      // Another agent: its session may greet first (a fresh one) or not (one adopted from saved state).
+      conn.greeted = false;
+      conn.heardSpeaking = false;
+      clearTimeout(conn.greetTimer);
+      conn.greetTimer = null;
+      conn.quietMs = TAKEOVER_QUIET_MS;
+    }
+    if (next.reconnected) {
+      mark("sg:agent-reconnected");
+      divider("Agent reconnected");
+      conn.noticeUntil = Date.now() + NOTICE_MS;
+      clearTimeout(conn.noticeTimer);
+      conn.noticeTimer = setTimeout(() => refreshStatus(conn), NOTICE_MS + 50);
+    }
+    if (next.phase === "takeover" && prev.phase !== "takeover") mark("sg:agent-lost");
+    writeJSON("session", KEY_TAKEOVER, next.phase === "takeover" && next.lostAt !== null
+      ? { room: conn.info.room, lostAt: next.lostAt, from: next.from } : null);
+    armAgentTimer(conn);
+    refreshStatus(conn);
+  }
+
+  function armAgentTimer(conn) {
+    clearTimeout(conn.agentTimer);
+    const at = W.deadline(conn.watch, {
+      connectedAt: conn.connectedAt, firstWaitMs: AGENT_WAIT_MS, returnWaitMs: conn.returnWaitMs,
+    });
+    if (at !== null) conn.agentTimer = setTimeout(() => noAgent(conn), Math.max(0, at - Date.now()));
+  }
+
   function release(conn) {
     clearTimeout(conn.agentTimer);
     clearTimeout(conn.greetTimer);
+    clearTimeout(conn.noticeTimer);
     clearInterval(conn.renewTimer);
     clearTimeout(conn.retryTimer);
     stopMeter(conn);
@@ -445,29 +511,42 @@
     }
   }
 
-  /** No agent joined this room in time, or the agent left and did not come back: leave it and try a new room
-   *  (a fresh session: the long-term memory is the Letta agent's, this room's conversation ended with its agent). */
+  /** No agent joined this new room in time, or the room's agent vanished and none came back within the wait: leave
+   *  it and try a new room (a fresh session: the long-term memory is the Letta agent's). The last resort: a room
+   *  whose agent died normally gets a new agent in the same room within seconds (issue 12). */
   function noAgent(conn) {
     if (conn !== current || conn.agent) return;
-    const left = conn.agentLeft;
-    if (!left && conn.tries >= MAX_ROOM_TRIES) {
+    const at = W.deadline(conn.watch, {
+      connectedAt: conn.connectedAt, firstWaitMs: AGENT_WAIT_MS, returnWaitMs: conn.returnWaitMs,
+    });
+    if (at === null) return;
+    if (conn.reconnecting || Date.now() < at - 20) {
+      // Our own connection is being repaired (the room's list is stale until it is), or the timer fired early.
+      conn.agentTimer = setTimeout(() => noAgent(conn), conn.reconnecting ? 1000 : at - Date.now());
+      return;
+    }
+    const lost = conn.watch.phase === "takeover";
+    if (!lost && conn.tries >= MAX_ROOM_TRIES) {
       console.warn(`no agent joined after ${conn.tries} rooms`);
       setStatus("error", "no agent is available right now. Disconnect and try again in a moment.");
       return;
     }
-    console.warn(left
-      ? `the agent left room ${conn.info.room} and did not come back within ${AGENT_WAIT_MS} ms: trying a new room`
-      : `no agent joined room ${conn.info.room} within ${AGENT_WAIT_MS} ms: trying a new room`);
+    const waited = Math.round((lost ? conn.returnWaitMs : AGENT_WAIT_MS) / 1000);
+    console.warn(lost
+      ? `no agent came back to room ${conn.info.room} within ${waited} s: starting over in a new room`
+      : `no agent joined room ${conn.info.room} within ${waited} s: trying a new room`);
     conn.hangingUp = true;
     current = null;
     release(conn);
     dropTicket();
-    setStatus("waiting", left ? "the agent left; starting a new conversation…" : "the agent did not answer; trying again…");
+    setStatus("waiting", lost
+      ? `the agent did not come back within ${waited} s; starting a new conversation…`
+      : "the agent did not answer; trying again…");
     serial(async () => {
       await conn.room.disconnect().catch(() => {});
       if (current) return;
-      if (left) divider("The agent left: new conversation");
-      await openConnection({ quiet: true, tries: left ? 1 : conn.tries + 1 });
+      if (lost) divider("The agent did not come back: new conversation");
+      await openConnection({ quiet: true, tries: lost ? 1 : conn.tries + 1 });
     });
   }
 
@@ -520,11 +599,14 @@
       dynacast: false,
       audioCaptureDefaults: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
+    const saved = resume ? savedTakeover(info.room) : null;
     const conn = {
-      room, info, agent: null, agentLeft: false, connected: false, reconnecting: false, hangingUp: false,
+      room, info, agent: null, connected: false, reconnecting: false, hangingUp: false,
       resumed: Boolean(resume), muted: false, heardAgent: false, meter: null, renewTimer: null,
       flushing: false, tries: tries ?? 1, agentTimer: null,
-      greeted: Boolean(resume), heardSpeaking: false, greetTimer: null,
+      greeted: Boolean(resume), heardSpeaking: false, greetTimer: null, quietMs: GREETING_WAIT_MS,
+      watch: W.initial({ resumed: Boolean(resume), lostAt: saved?.lostAt, from: saved?.from }),
+      seen: new Map(), seq: 0, connectedAt: 0, returnWaitMs: W.returnWaitMs(info), noticeUntil: 0, noticeTimer: null,
     };
     current = conn;
     wire(conn);
@@ -541,12 +623,11 @@
     }
     if (conn.hangingUp || conn !== current) return "fail";
     conn.connected = true;
-    for (const p of room.remoteParticipants.values()) if (isAgent(p)) { conn.agent = p; }
-    refreshStatus(conn);
+    conn.connectedAt = Date.now();
+    updateAgent(conn);
     setControls("live");
     el.enableAudio.hidden = room.canPlaybackAudio;
     startRenewal(conn);
-    if (!conn.agent) conn.agentTimer = setTimeout(() => noAgent(conn), AGENT_WAIT_MS);
     if (document.activeElement === document.body || document.activeElement === el.connect || !document.activeElement) {
       el.message.focus();
     }
@@ -682,8 +763,8 @@
   }
 
   async function start() {
-    if (!LK) {
-      setStatus("error", "livekit-client did not load (run `npm ci` in web/)");
+    if (!LK || !W) {
+      setStatus("error", LK ? "agentwatch.js did not load" : "livekit-client did not load (run `npm ci` in web/)");
       return;
     }
     LK.setLogLevel?.("warn");

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sgapp.config import load_settings
+from sgapp.config import ConfigError, load_settings
 from sgapp.letta_admin import LOCAL_MODEL
 from web import tickets
 from web.agents import AgentInfo, LettaUnavailable
@@ -161,6 +161,25 @@ async def test_token_makes_a_fresh_room_with_the_agent_dispatched(client: Client
 
     again = await (await token(client, {"agent": ADA.id})).json()
     assert again["room"] != body["room"] and again["identity"] != body["identity"]
+
+
+async def test_token_tells_the_page_how_long_to_wait_for_a_new_agent(make_client: MakeClient) -> None:
+    """The page stays in its room this long when its agent vanished (a takeover), and knows the room's agent name."""
+    body = await (await token(await make_client(), {"agent": ADA.id})).json()
+    assert body["agent_name"] == "sg-unit"
+    assert body["agent_return_wait"] == 30.0, "at least 30 s by default (the window here is 10 s)"
+    resumed = await (await token(await make_client(), {"resume": body["resume"]})).json()
+    assert resumed["agent_return_wait"] == 30.0
+    longer = await (await token(await make_client(SG_RECONNECT_WINDOW="120"), {"agent": ADA.id})).json()
+    assert longer["agent_return_wait"] == 120.0, "a takeover may come as late as the reconnect window"
+    short = await (await token(await make_client(SG_AGENT_RETURN_WAIT="4"), {"agent": ADA.id})).json()
+    assert short["agent_return_wait"] == 4.0
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "7200"])
+def test_a_bad_agent_return_wait_is_a_clear_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="SG_AGENT_RETURN_WAIT"):
+        web_settings(SG_AGENT_RETURN_WAIT=value)
 
 
 async def test_token_keeps_a_given_identity(client: Client) -> None:
