@@ -351,41 +351,6 @@ def remove_participant(stack: Stack, room: str, identity: str) -> None:
         pool.submit(asyncio.run, remove()).result(timeout=10)
 
 
-def test_the_agent_leaving_moves_the_page_to_a_new_room(
-    stack: Stack, worker: WorkerProc, browser: Browser, letta_agent: str
-) -> None:
-    """LiveKit dispatches a room once: when its agent leaves for good (its job ended, its worker died or drained),
-    the page waits a moment for it, then goes on in a new room with a fresh session, without the user doing anything."""
-    log = WorkerLog(worker)
-    ui = open_with_agent(browser, letta_agent)
-    ui.connect()
-    ui.wait_greeting()
-    first_room = ui.room()
-    assert turn(ui.ask("before the agent left")) == 1
-    agents = [m for m in room_members(stack, first_room) or [] if m.startswith("agent-")]
-    assert len(agents) == 1, agents
-
-    t0 = time.monotonic()
-    remove_participant(stack, first_room, agents[0])
-    ui.poll("() => document.querySelector('#status').textContent.includes('the agent left')", what="the status")
-    ui.poll(
-        "(room) => { const t = document.querySelector('#d-room')?.textContent; return !!t && t !== room; }",
-        first_room,
-        timeout=40,
-        what="a new room",
-    )
-    ui.wait_state(*LIVE_STATES, timeout=30)
-    second_room = ui.room()
-    assert second_room != first_room
-    assert ui.ask("after the agent left") == "You said: after the agent left. (turn 1)"
-    record("agent_left_to_answer_in_new_room", time.monotonic() - t0)
-    wait_session_gone(stack, first_room)
-    assert [s["state"] for s in sessions_of(stack, room=second_room)] == ["active"]
-    ui.disconnect()
-    wait_session_gone(stack, second_room)
-    assert log.problems({first_room, second_room}) == []
-
-
 def test_voice_from_the_fake_microphone(
     stack: Stack, worker: WorkerProc, browser: Browser, letta_agent: str, tmp_path: Path
 ) -> None:
