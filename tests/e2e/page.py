@@ -31,6 +31,8 @@ class BrowserPage:
 
     def _on_console(self, msg: ConsoleMessage) -> None:
         line = f"[{msg.type}] {msg.text}"
+        if msg.text.startswith("Failed to load resource") and msg.location.get("url"):
+            line += f" ({msg.location['url']})"
         self.console_log.append(line)
         if msg.type == "error":
             self.console_errors.append(line)

@@ -265,23 +265,7 @@ def sessions_of_all(workers: list[WorkerProc], room: str) -> list[dict[str, Any]
     return found
 
 
-def wait_for_the_page_to_give_up(ui: BrowserPage, room: str, since: float) -> float:
-    """The page says the agent is reconnecting, then why it leaves, then is in a new room: seconds since `since`."""
-    ui.wait_state("agent-reconnecting", timeout=10)
-    ui.poll(
-        "() => window.__texts.some(t => t.includes('the agent did not come back within 3 s'))",
-        timeout=15,
-        what="the page saying why it leaves",
-    )
-    gave_up = time.monotonic() - since
-    assert gave_up >= 2.5, f"the page gave up {gave_up:.1f} s after the agent left: before its wait"
-    ui.poll(
-        "(room) => { const t = document.querySelector('#d-room')?.textContent; return !!t && t !== room; }",
-        room,
-        timeout=15,
-        what="a new room",
-    )
-    return gave_up
+LOST_AT = "() => JSON.parse(sessionStorage.getItem('sg.takeover') || 'null')?.lostAt ?? null"
 
 
 def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
@@ -293,29 +277,54 @@ def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
     request: pytest.FixtureRequest,
 ) -> None:
     """The only worker of the agent name stops answering (frozen: SIGSTOP) and its agent leaves the room: nobody can
-    take the room over. After SG_AGENT_RETURN_WAIT (3 s here) the page says so and starts a new conversation in a new
-    room; the worker, thawed once the page has left, serves it. (Frozen rather than killed: a worker started
-    afresh takes 15-35 s to register on the shared test machine, longer than a new room waits for its agent.)"""
+    take the room over. A refresh meanwhile rejoins the room and keeps waiting for the same deadline. After
+    SG_AGENT_RETURN_WAIT (6 s here) the page says so and starts a new conversation in a new room; the worker, thawed
+    once the page has left, serves it. (Frozen rather than killed: a worker started afresh takes 15-35 s to register
+    on the shared test machine, longer than a new room waits for its agent.)"""
+    wait = 6
     workers += start_workers(stack, agent_name, 1)
     with (
-        web(stack, workers[0], agent_name, SG_AGENT_RETURN_WAIT="3") as server,
+        web(stack, workers[0], agent_name, SG_AGENT_RETURN_WAIT=str(wait)) as server,
         browsers(tmp_path, server.url, request) as open_page,
     ):
         ui = open_page().open()
         ui.pick_agent(letta_agent)
         ui.connect()
         ui.wait_greeting()
-        first_room = ui.room()
+        first_room, identity = ui.room(), ui.identity()
         assert turn(ui.ask("before the agent left")) == 1
         [old_agent] = agents_in(stack, first_room)
-        ui.page.evaluate(RECORDER)
 
         group = workers[0].proc.pid
         os.killpg(group, signal.SIGSTOP)
         try:
             # What livekit-server does by itself 15-20 s after the agent stopped answering, at once.
             remove_participant(stack, first_room, old_agent)
-            gave_up = wait_for_the_page_to_give_up(ui, first_room, time.monotonic())
+            t0 = time.monotonic()
+            ui.wait_state("agent-reconnecting", timeout=10)
+            lost_at = ui.page.evaluate(LOST_AT)
+            assert lost_at is not None
+            # A refresh while the agent is reconnecting: back in the same room, still reconnecting, same deadline
+            # (not the 10 s of a new room, not a new wait).
+            ui.page.reload()
+            ui.wait_state("agent-reconnecting", timeout=10)
+            ui.page.evaluate(RECORDER)
+            assert (ui.room(), ui.identity()) == (first_room, identity)
+            assert ui.page.evaluate(LOST_AT) == lost_at
+            ui.poll(
+                "(s) => window.__texts.some(t => t.includes(`the agent did not come back within ${s} s`))",
+                wait,
+                timeout=wait + 10,
+                what="the page saying why it leaves",
+            )
+            gave_up = time.monotonic() - t0
+            assert gave_up >= wait - 0.5, f"the page gave up {gave_up:.1f} s after the agent left: before its wait"
+            ui.poll(
+                "(room) => { const t = document.querySelector('#d-room')?.textContent; return !!t && t !== room; }",
+                first_room,
+                timeout=15,
+                what="a new room",
+            )
         finally:
             os.killpg(group, signal.SIGCONT)
         # The new room's agent: the thawed worker takes the new room's dispatch, or (if livekit-server gave the job
@@ -326,8 +335,12 @@ def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
         assert ui.ask("after the agent left") == "You said: after the agent left. (turn 1)"
         assert any(e["text"] == "The agent did not come back: new conversation" for e in ui.entries("divider"))
         seen = states(ui)
-        assert seen.index("agent-reconnecting") < seen.index("waiting"), seen
+        assert seen[0] == "agent-reconnecting" and "waiting" in seen, seen
+        assert ui.page.evaluate(LOST_AT) is None, "the takeover record goes with the room"
         assert not room_members(stack, first_room), "nobody is left in the first room"
         assert [s["state"] for s in sessions_of_all(workers, second_room)] == ["active"]
-        print(f"[timing] agent gone → page left the room: {gave_up * 1000:.0f} ms (wait 3 s)")
+        print(f"[timing] agent gone → page left the room: {gave_up * 1000:.0f} ms (wait {wait} s, one refresh)")
+        # The reloaded page asked /api/health for its details panel: 503 while the worker was frozen, which Chromium
+        # logs as an error. That is the stack's state, not a fault of the page.
+        ui.console_errors[:] = [e for e in ui.console_errors if not e.endswith("/api/health)")]
         ui.disconnect()

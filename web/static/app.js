@@ -264,7 +264,13 @@
 
   function divider(text) {
     const last = el.transcript.lastElementChild;
-    if (!last || last.dataset.who === "divider") return;
+    if (!last) return;
+    if (last.dataset.who === "divider") {
+      // Nothing was said since the last one: the newer news replaces it ("Rejoined" → "new conversation").
+      last.textContent = text;
+      scheduleSave();
+      return;
+    }
     addEntry(null, "divider", "", text);
   }
 
