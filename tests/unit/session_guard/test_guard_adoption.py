@@ -35,7 +35,9 @@ async def test_a_session_saved_elsewhere_is_adopted() -> None:
     @guard.on_session_resume
     async def resumed(s: GuardSession) -> None:
         state = await s.resume_state()
-        assert state is not None and state.chat_ctx().items[0].text_content == "what I said before the crash"
+        assert state is not None
+        first = state.chat_ctx().items[0]
+        assert isinstance(first, llm.ChatMessage) and first.text_content == "what I said before the crash"
         seen.append((s.fresh, s.session_id, s.shared, s.resumes, s.adopted))
 
     guard.attach()
