@@ -136,7 +136,7 @@ class RoomOwnership:
         lf.log_line(level, "CLUSTER", message, room=self.room, **fields)
 
     def _store_down(self, e: BaseException, doing: str) -> None:
-        if self.store_up:
+        if self.store_up and not self._finished:
             self.store_up = False
             self.outages += 1
             self._log(
@@ -172,9 +172,7 @@ class RoomOwnership:
             got_it = await self._wait_for_handoff(intent.handoff)
             if not got_it:
                 return False
-        elif not got.ok:
-            _, holder = parse_holder(got.value)
-            self._log(logging.WARNING, f"job {holder} owns this room (lease {got.value}): this job leaves")
+        elif not got.ok and not await self._wait_for_vacancy(got.value):
             return False
         await self._adopt_records()
         self._log(
@@ -184,6 +182,26 @@ class RoomOwnership:
             handoff=bool(intent.handoff),
         )
         return True
+
+    async def _wait_for_vacancy(self, value: str) -> bool:
+        """Another job holds the lease. It may be ending (the last human hung up and a new call came in to the same
+        room name): wait up to one lease ttl for it to let go or expire. A holder that keeps renewing is alive and
+        serves the room: this job leaves."""
+        try:
+            async with asyncio.timeout(self._opts.lease_ttl + self._opts.renew_interval):
+                while True:
+                    await asyncio.sleep(0.1)
+                    got = await self._lease.acquire()
+                    if got.ok:
+                        return True
+                    value = got.value
+        except TimeoutError:
+            pass
+        except _STORE_ERRORS as e:
+            self._store_down(e, "waiting for the room's lease")
+        _, holder = parse_holder(value)
+        self._log(logging.WARNING, f"job {holder} owns this room (lease {value}): this job leaves")
+        return False
 
     async def _wait_for_handoff(self, holder: str) -> bool:
         """A deploy: tell the old owner this job is ready, then take the lease as soon as it lets go."""
