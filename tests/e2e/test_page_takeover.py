@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from livekit import api
-from livekit.plugins.session_guard.cluster.keys import ResumeIntent, with_intent
+from livekit.plugins.session_guard.cluster.keys import Keys, ResumeIntent, with_intent
 
 from perf.stack import wait_registered
 from tests.e2e.conftest import WebServer, browsers, run_web_server, write_wav
 from tests.e2e.page import LIVE_STATES, BrowserPage, turn
 from tests.e2e.test_page import mic_muted, remove_participant, room_members
 from tests.integration.conftest import AGENT_NAME, Stack, WorkerProc, start_worker, wait_until
+from tests.support.redis_server import redis_server
 
 T = TypeVar("T")
 
@@ -52,16 +53,24 @@ def agents_in(stack: Stack, room: str) -> list[str]:
     return [m for m in room_members(stack, room) or [] if m.startswith("agent-")]
 
 
-def take_over(stack: Stack, room: str, agent_name: str, letta_agent: str, dead_agent: str) -> None:
-    """Dispatch a new agent into the dead agent's room, as issue 12's watcher does by itself.
+def take_over(stack: Stack, redis_url: str | None, room: str, agent_name: str, letta_agent: str, dead: str) -> None:
+    """Dispatch a new agent into the dead owner's room, as issue 12's watcher does by itself.
 
-    REMOVE this helper (and its one call) once the automatic takeover is in main: the workers then re-dispatch the
-    room themselves, and the test only waits for the new agent. Until then the test does what the watcher will do: a
-    real `create_dispatch` with the app's metadata and the resume intent. It waits until livekit-server has timed
-    out the dead agent first, because today a job that finds an older agent of its name in the room leaves
-    (`leave_if_older_agent`); with the leases a new job no longer does.
+    REMOVE this helper (and its one call) once the automatic takeover (the workers' watcher) is in main: the workers
+    then re-dispatch the room themselves, and the test only waits for the new agent. Until then the test does what
+    the watcher will do: once the room has no live lease, a real `create_dispatch` with the app's metadata and the
+    resume intent. The dead agent is still listed then (livekit-server times it out ~15-20 s after the crash).
+    Without the store (`redis_url` None) a new job leaves while an older agent of its name is listed
+    (`leave_if_older_agent`), so the dispatch waits until livekit-server has dropped the dead agent.
     """
-    wait_until(lambda: dead_agent not in agents_in(stack, room), 45, 0.25, f"livekit-server to drop {dead_agent}")
+    if redis_url is None:
+        wait_until(lambda: dead not in agents_in(stack, room), 45, 0.25, f"livekit-server to drop {dead}")
+    else:
+        import redis
+
+        lease = Keys(agent_name).lease(room)
+        with redis.Redis.from_url(redis_url) as r:
+            wait_until(lambda: not r.exists(lease), 15, 0.1, f"the dead owner's lease of {room} to expire")
     metadata = with_intent(json.dumps({"letta_agent_id": letta_agent}), ResumeIntent(resume=True))
     livekit(
         stack,
@@ -71,11 +80,11 @@ def take_over(stack: Stack, room: str, agent_name: str, letta_agent: str, dead_a
     )
 
 
-def start_workers(stack: Stack, agent_name: str, n: int) -> list[WorkerProc]:
-    """`n` workers of `agent_name`, started together, returned once all are registered."""
+def start_workers(stack: Stack, agent_name: str, n: int, **env: str | None) -> list[WorkerProc]:
+    """`n` workers of `agent_name` (`env`: more settings), started together, returned once all are registered."""
     tag = agent_name.rsplit("-", 1)[-1]
     workers = [
-        start_worker(stack, name=f"{tag}-{i}-{os.getpid()}", extra_env={"AGENT_NAME": agent_name}, wait=False)
+        start_worker(stack, name=f"{tag}-{i}-{os.getpid()}", extra_env={"AGENT_NAME": agent_name, **env}, wait=False)
         for i in range(n)
     ]
     try:
@@ -108,6 +117,18 @@ def agent_name() -> str:
     """An agent name of this test's own: its workers take no other test's dispatches, and the store's keys
     (namespaced by agent name) start empty."""
     return f"{AGENT_NAME}-tk-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def redis_url(stack: Stack, tmp_path: Path) -> Iterator[str]:
+    """The stack's Redis if it exports one, else a redis-server of this test's own: the session store that lets
+    another worker adopt the page's session."""
+    if url := stack.env.get("SG_REDIS_URL"):
+        yield url
+        return
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -185,17 +206,40 @@ def set_muted(ui: BrowserPage, stack: Stack, muted: bool) -> None:
 # --- the tests ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param(
+            True,
+            id="store",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="until the Letta conversation is kept across processes (issue 12, GuardSession.shared['letta'], "
+                "the letta helper's part): the adopted session's connection hook fails with 'this session has no "
+                "Letta conversation', so the new agent never serves; remove this mark when it passes",
+            ),
+        ),
+        pytest.param(False, id="in-process"),
+    ],
+)
 def test_a_crashed_agent_is_replaced_in_the_same_room(
     stack: Stack,
     agent_name: str,
+    store: bool,
+    request: pytest.FixtureRequest,
     workers: list[WorkerProc],
     letta_agent: str,
     tmp_path: Path,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Two workers; SIGKILL the one serving the page's room: the page stays in the room, says the agent is
-    reconnecting, then that it reconnected; the new agent hears the microphone, answers, and its audio plays."""
-    workers += start_workers(stack, agent_name, 2)
+    reconnecting, then that it reconnected; the new agent answers typed and spoken turns, and its audio plays.
+
+    With the session store (`store`) the new agent joins while the dead one is still listed and adopts the session:
+    the conversation goes on (the test provider's turn count). Without it (in-process mode) a new agent can only
+    join once livekit-server dropped the dead one, and starts a fresh session in the same room."""
+    redis_url: str | None = request.getfixturevalue("redis_url") if store else None
+    workers += start_workers(stack, agent_name, 2, SG_REDIS_URL=redis_url)
+    first = 1 if store else 0  # the turns the conversation held before the crash, as the new agent sees them
     # The fake microphone: 9 s of silence, then a sentence, looped. Muted except for the spoken turn below.
     wav = write_wav(tmp_path / "speech.wav", text="are you back", lead_s=9.0, tail_s=0.5)
     with web(stack, workers[0], agent_name) as server, browsers(tmp_path, server.url, request) as open_page:
@@ -205,15 +249,18 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         room, identity = ui.room(), ui.identity()
         set_muted(ui, stack, True)  # published, muted: no voice turns until the test speaks
         ui.wait_greeting()
-        turn(ui.ask("before the crash"))
+        assert turn(ui.ask("before the crash")) == 1
         dead = serving(workers, room)
         [old_agent] = agents_in(stack, room)
         ui.page.evaluate(RECORDER)
 
         t0 = time.monotonic()
         kill(dead)
-        take_over(stack, room, agent_name, letta_agent, old_agent)  # REMOVE once the automatic takeover is in main
-        ui.wait_mark("sg:agent-reconnected", timeout=60)
+        take_over(stack, redis_url, room, agent_name, letta_agent, old_agent)  # REMOVE once the watcher is in main
+        try:
+            ui.wait_mark("sg:agent-reconnected", timeout=45 if store else 60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; states {states(ui)}; console {ui.console_log[-12:]}") from None
         took = time.monotonic() - t0
         ui.wait_state(*LIVE_STATES, timeout=10)
         seen = states(ui)
@@ -226,17 +273,17 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         assert any(e["who"] == "divider" and e["text"] == "Agent reconnected" for e in ui.entries())
         assert ui.room() == room and ui.identity() == identity, "the page stayed in its room"
         [new_agent] = wait_until(lambda: [a for a in agents_in(stack, room) if a != old_agent], 10, 0.2, "new agent")
-        assert old_agent not in agents_in(stack, room)
         assert mic_muted(stack, room, identity) is True, "the microphone stays published across the takeover"
 
-        # A typed turn: answered once, by the new agent, in this room.
+        # A typed turn: answered once, by the new agent, in this room, in the same conversation.
         reply = ui.ask("after the crash")
-        assert reply.startswith("You said: after the crash. (turn ")
+        assert reply == f"You said: after the crash. (turn {first + 1})"
         # The new agent hears the microphone: a spoken turn.
         queue_stt(stack, "spoken after the crash")
         before = ui.count("agent")
         set_muted(ui, stack, False)
         spoken = ui.wait_agent_text("spoken after the crash", after=before, timeout=45)
+        assert spoken == f"You said: spoken after the crash. (turn {first + 2})"
         set_muted(ui, stack, True)
         assert any(e["via"] == "voice" and "spoken after the crash" in e["text"] for e in ui.entries("user"))
         # ... and its audio plays on the page: its element is attached and carries sound while it speaks.
@@ -250,6 +297,11 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         )
         live = sessions_of_all(workers, room)
         assert [s["identity"] for s in live] == [identity], live
+        # The dead agent's disconnect comes last (livekit-server's timeout): the page already talks to the new one.
+        so_far = len(states(ui))
+        wait_until(lambda: old_agent not in agents_in(stack, room), 45, 0.5, f"livekit-server to drop {old_agent}")
+        time.sleep(0.5)
+        assert ui.state() in LIVE_STATES and "agent-reconnecting" not in states(ui)[so_far:], states(ui)
         print(f"[timing] kill → page shows the agent reconnected: {took * 1000:.0f} ms; replies {reply!r} {spoken!r}")
         ui.disconnect()
 
@@ -265,7 +317,7 @@ def sessions_of_all(workers: list[WorkerProc], room: str) -> list[dict[str, Any]
     return found
 
 
-LOST_AT = "() => JSON.parse(sessionStorage.getItem('sg.takeover') || 'null')?.lostAt ?? null"
+SINCE = "() => JSON.parse(sessionStorage.getItem('sg.takeover') || 'null')?.since ?? null"
 
 
 def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
@@ -302,15 +354,15 @@ def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
             remove_participant(stack, first_room, old_agent)
             t0 = time.monotonic()
             ui.wait_state("agent-reconnecting", timeout=10)
-            lost_at = ui.page.evaluate(LOST_AT)
-            assert lost_at is not None
+            since = ui.page.evaluate(SINCE)
+            assert since is not None
             # A refresh while the agent is reconnecting: back in the same room, still reconnecting, same deadline
             # (not the 10 s of a new room, not a new wait).
             ui.page.reload()
             ui.wait_state("agent-reconnecting", timeout=10)
             ui.page.evaluate(RECORDER)
             assert (ui.room(), ui.identity()) == (first_room, identity)
-            assert ui.page.evaluate(LOST_AT) == lost_at
+            assert ui.page.evaluate(SINCE) == since
             ui.poll(
                 "(s) => window.__texts.some(t => t.includes(`the agent did not come back within ${s} s`))",
                 wait,
@@ -336,7 +388,7 @@ def test_no_agent_comes_back_so_the_page_starts_over_in_a_new_room(
         assert any(e["text"] == "The agent did not come back: new conversation" for e in ui.entries("divider"))
         seen = states(ui)
         assert seen[0] == "agent-reconnecting" and "waiting" in seen, seen
-        assert ui.page.evaluate(LOST_AT) is None, "the takeover record goes with the room"
+        assert ui.page.evaluate(SINCE) is None, "the takeover record goes with the room"
         assert not room_members(stack, first_room), "nobody is left in the first room"
         assert [s["state"] for s in sessions_of_all(workers, second_room)] == ["active"]
         print(f"[timing] agent gone → page left the room: {gave_up * 1000:.0f} ms (wait {wait} s, one refresh)")

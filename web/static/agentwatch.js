@@ -8,8 +8,9 @@
 //   waiting   no agent has been in this room yet (a new room): after `firstWaitMs` the page tries a new room.
 //   live      the page talks to an agent (the newest one of its agent name).
 //   takeover  the agent it talked to is gone, or a newer one joined and is not serving yet: "Agent reconnecting…".
-//             A room whose job died gets a new agent in the same room (issue 12); only when no agent at all has
-//             been present for `returnWaitMs` does the page give up and go to a new room.
+//             A room whose job died gets a new agent in the same room (issue 12); only when no agent has served
+//             for `returnWaitMs` since the trouble began does the page give up and go to a new room (agents that
+//             join and leave meanwhile, or join and never serve, do not start the wait over).
 "use strict";
 
 (function (root, factory) {
@@ -39,12 +40,12 @@
     return best;
   }
 
-  /** The model of a new connection. A resumed one (refresh, network drop) had an agent before; `lostAt`/`from`
+  /** The model of a new connection. A resumed one (refresh, network drop) had an agent before; `since`/`from`
    * carry a takeover that was under way when the page reloaded, so its deadline does not start over. */
-  function initial({ resumed = false, lostAt = null, from = null } = {}) {
+  function initial({ resumed = false, since = null, from = null } = {}) {
     return {
       agent: null, hadAgent: Boolean(resumed), phase: resumed ? "takeover" : "waiting",
-      lostAt: resumed && Number.isFinite(lostAt) ? lostAt : null, from: resumed ? from ?? null : null,
+      since: resumed && Number.isFinite(since) ? since : null, from: resumed ? from ?? null : null,
       reconnected: false,
     };
   }
@@ -55,29 +56,25 @@
    */
   function track(prev, { agents, agentName, now }) {
     const pick = pickAgent(agents, agentName);
-    if (!pick) {
-      if (!prev.hadAgent) return { ...prev, agent: null, phase: "waiting", reconnected: false };
-      return {
-        agent: null, hadAgent: true, phase: "takeover", lostAt: prev.lostAt ?? now,
-        from: prev.from ?? prev.agent, reconnected: false,
-      };
-    }
-    const id = pick.identity;
-    if (!prev.hadAgent) return { agent: id, hadAgent: true, phase: "live", lostAt: null, from: null, reconnected: false };
-    if (prev.phase === "live" && id === prev.agent) return { ...prev, reconnected: false };
-    // The agent changed, or a takeover is under way: the one we talked to before the trouble began is `from`.
+    if (!pick && !prev.hadAgent) return { ...prev, agent: null, phase: "waiting", reconnected: false };
+    const id = pick ? pick.identity : null;
+    if (!prev.hadAgent) return { agent: id, hadAgent: true, phase: "live", since: null, from: null, reconnected: false };
+    if (prev.phase === "live" && id !== null && id === prev.agent) return { ...prev, reconnected: false };
+    // The agent changed or is gone, or a takeover is under way: the one we talked to before the trouble began is
+    // `from`, and the trouble began at `since`.
     const from = prev.phase === "takeover" ? prev.from : prev.agent;
-    if (!SERVING.has(pick.state)) {
-      return { agent: id, hadAgent: true, phase: "takeover", lostAt: null, from, reconnected: false };
+    const since = prev.phase === "takeover" ? prev.since ?? now : now;
+    if (!pick || !SERVING.has(pick.state)) {
+      return { agent: id, hadAgent: true, phase: "takeover", since, from, reconnected: false };
     }
-    return { agent: id, hadAgent: true, phase: "live", lostAt: null, from: null, reconnected: from !== null && from !== id };
+    return { agent: id, hadAgent: true, phase: "live", since: null, from: null, reconnected: from !== null && from !== id };
   }
 
-  /** When the page stops waiting for an agent (ms, same clock as `now`), or null while an agent is present. */
+  /** When the page stops waiting and goes to a new room (ms, same clock as `now`), or null while an agent serves. */
   function deadline(model, { connectedAt, firstWaitMs, returnWaitMs }) {
-    if (model.agent !== null) return null;
     if (model.phase === "waiting") return connectedAt + firstWaitMs;
-    return (model.lostAt ?? connectedAt) + returnWaitMs;
+    if (model.phase === "takeover") return (model.since ?? connectedAt) + returnWaitMs;
+    return null;
   }
 
   /** [status state, detail] for the status line; `agentState` is the current agent's `lk.agent.state`. */

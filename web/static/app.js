@@ -23,7 +23,7 @@
   const KEY_AGENT = "sg.agent";
   const KEY_TICKET = "sg.resume";
   const KEY_TRANSCRIPT = "sg.transcript";
-  /** A takeover under way ({room, lostAt, from}): a refresh meanwhile keeps waiting for the same deadline. */
+  /** A takeover under way ({room, since, from}): a refresh meanwhile keeps waiting for the same deadline. */
   const KEY_TAKEOVER = "sg.takeover";
   const AGENT_STATE = "lk.agent.state";
   const AGENT_NAME = "lk.agent.name";
@@ -373,7 +373,7 @@
   /** The takeover saved for `room` by an earlier page of this tab (a refresh while "Agent reconnecting…"). */
   function savedTakeover(room) {
     const t = readJSON("session", KEY_TAKEOVER);
-    return t && t.room === room && Number.isFinite(t.lostAt) ? t : null;
+    return t && t.room === room && Number.isFinite(t.since) ? t : null;
   }
 
   function startRenewal(conn) {
@@ -463,8 +463,8 @@
       conn.noticeTimer = setTimeout(() => refreshStatus(conn), NOTICE_MS + 50);
     }
     if (next.phase === "takeover" && prev.phase !== "takeover") mark("sg:agent-lost");
-    writeJSON("session", KEY_TAKEOVER, next.phase === "takeover" && next.lostAt !== null
-      ? { room: conn.info.room, lostAt: next.lostAt, from: next.from } : null);
+    writeJSON("session", KEY_TAKEOVER, next.phase === "takeover" && next.since !== null
+      ? { room: conn.info.room, since: next.since, from: next.from } : null);
     armAgentTimer(conn);
     refreshStatus(conn);
   }
@@ -521,7 +521,7 @@
    *  it and try a new room (a fresh session: the long-term memory is the Letta agent's). The last resort: a room
    *  whose agent died normally gets a new agent in the same room within seconds (issue 12). */
   function noAgent(conn) {
-    if (conn !== current || conn.agent) return;
+    if (conn !== current) return;
     const at = W.deadline(conn.watch, {
       connectedAt: conn.connectedAt, firstWaitMs: AGENT_WAIT_MS, returnWaitMs: conn.returnWaitMs,
     });
@@ -539,7 +539,7 @@
     }
     const waited = Math.round((lost ? conn.returnWaitMs : AGENT_WAIT_MS) / 1000);
     console.warn(lost
-      ? `no agent came back to room ${conn.info.room} within ${waited} s: starting over in a new room`
+      ? `no agent served room ${conn.info.room} again within ${waited} s: starting over in a new room`
       : `no agent joined room ${conn.info.room} within ${waited} s: trying a new room`);
     conn.hangingUp = true;
     current = null;
@@ -611,7 +611,7 @@
       resumed: Boolean(resume), muted: false, heardAgent: false, meter: null, renewTimer: null,
       flushing: false, tries: tries ?? 1, agentTimer: null,
       greeted: Boolean(resume), heardSpeaking: false, greetTimer: null, quietMs: GREETING_WAIT_MS,
-      watch: W.initial({ resumed: Boolean(resume), lostAt: saved?.lostAt, from: saved?.from }),
+      watch: W.initial({ resumed: Boolean(resume), since: saved?.since, from: saved?.from }),
       seen: new Map(), seq: 0, connectedAt: 0, returnWaitMs: W.returnWaitMs(info), noticeUntil: 0, noticeTimer: null,
     };
     current = conn;

@@ -61,9 +61,10 @@ test("crash: the agent disconnects, a new one joins and serves: reconnecting, th
   );
   assert.deepEqual(steps.map((m) => m.phase), ["live", "takeover", "takeover", "takeover", "live", "live"]);
   assert.deepEqual(steps.map((m) => m.reconnected), [false, false, false, false, true, false]);
-  assert.equal(steps[1].lostAt, 5000);
+  assert.equal(steps[1].since, 5000);
   assert.equal(W.deadline(steps[1], WAITS), 35000, "30 s from when the agent vanished, not from the connect");
-  assert.equal(W.deadline(steps[2], WAITS), null, "an agent is here (starting): no deadline");
+  assert.equal(W.deadline(steps[2], WAITS), 35000, "an agent that is only starting does not move the deadline");
+  assert.equal(W.deadline(steps[4], WAITS), null, "an agent serves: no deadline");
   assert.deepEqual(W.status(steps[1]), ["agent-reconnecting"]);
   assert.deepEqual(W.status(steps[3], "initializing"), ["agent-reconnecting"]);
   assert.equal(steps[4].agent, "agent-2");
@@ -84,7 +85,8 @@ test("the new agent joins while the dead one is still listed, and the old one's 
     ["agent-2", "live", true],
     ["agent-2", "live", false],
   ]);
-  assert.ok(steps.every((m) => W.deadline(m, WAITS) === null));
+  assert.equal(steps[1].since, 4000, "the trouble began when the new agent joined");
+  assert.deepEqual(steps.map((m) => W.deadline(m, WAITS)), [null, 34000, null, null]);
 });
 
 test("a duplicate agent that joins and leaves at once: back to the first one, no 'reconnected'", () => {
@@ -102,23 +104,29 @@ test("a duplicate agent that joins and leaves at once: back to the first one, no
   ]);
 });
 
-test("no agent comes back: the deadline is the return wait after the loss, and agents flapping restart it", () => {
+test("no agent serves again: the deadline is the return wait after the loss, whoever joins and leaves meanwhile", () => {
   const [, lost, again] = run(W.initial(), [[agent("agent-1")], 2000], [[], 6000], [[], 9000]);
-  assert.equal(lost.lostAt, 6000);
-  assert.equal(again.lostAt, 6000, "more events while waiting keep the first loss time");
+  assert.equal(lost.since, 6000);
+  assert.equal(again.since, 6000, "more events while waiting keep the first loss time");
   assert.equal(W.deadline(again, { ...WAITS, returnWaitMs: 4000 }), 10000);
   const [joined, left] = run(again, [[agent("agent-2", { joinedAt: 200, seq: 2, state: "" })], 12000], [[], 14000]);
-  assert.equal(joined.lostAt, null);
-  assert.equal(left.phase, "takeover");
-  assert.equal(left.lostAt, 14000);
-  assert.equal(left.from, "agent-1", "still the agent the user talked to");
+  assert.deepEqual([joined.phase, joined.since, W.deadline(joined, WAITS)], ["takeover", 6000, 36000]);
+  assert.deepEqual([left.phase, left.since, left.from], ["takeover", 6000, "agent-1"]);
+});
+
+test("a new agent that joins but never serves (its session failed to start): the page still gives up in time", () => {
+  const stuck = agent("agent-2", { joinedAt: 200, seq: 2, state: "" });
+  const [, , later] = run(W.initial(), [[agent("agent-1")], 2000], [[stuck], 5000], [[stuck], 30000]);
+  assert.deepEqual([later.agent, later.phase], ["agent-2", "takeover"]);
+  assert.equal(W.deadline(later, WAITS), 35000);
+  assert.deepEqual(W.status(later, "initializing"), ["agent-reconnecting"]);
 });
 
 test("a refresh while reconnecting keeps the deadline and still says 'reconnected' when an agent serves", () => {
-  const resumed = W.initial({ resumed: true, lostAt: 6000, from: "agent-1" });
+  const resumed = W.initial({ resumed: true, since: 6000, from: "agent-1" });
   assert.equal(resumed.phase, "takeover");
   const [nobody, back] = run(resumed, [[], 9000], [[agent("agent-2", { joinedAt: 200, seq: 1 })], 10000]);
-  assert.equal(nobody.lostAt, 6000);
+  assert.equal(nobody.since, 6000);
   assert.equal(W.deadline(nobody, WAITS), 36000);
   assert.deepEqual([back.phase, back.reconnected], ["live", true]);
 });
@@ -127,12 +135,12 @@ test("a refresh (no takeover under way): the agent is there; none: a takeover st
   const [steady] = run(W.initial({ resumed: true }), [[agent("agent-1")], 2000]);
   assert.deepEqual([steady.phase, steady.reconnected], ["live", false]);
   const [none] = run(W.initial({ resumed: true }), [[], 2000]);
-  assert.deepEqual([none.phase, none.lostAt, none.from], ["takeover", 2000, null]);
+  assert.deepEqual([none.phase, none.since, none.from], ["takeover", 2000, null]);
   assert.equal(W.deadline(none, WAITS), 32000, "a rejoined room is not a new room: not the 10 s wait");
   const [back] = run(none, [[agent("agent-1")], 3000]);
   assert.deepEqual([back.phase, back.reconnected], ["live", false], "the same agent: nothing to announce");
   // Garbage from storage is ignored.
-  assert.equal(W.initial({ resumed: true, lostAt: "soon" }).lostAt, null);
+  assert.equal(W.initial({ resumed: true, since: "soon" }).since, null);
 });
 
 test("the return wait comes from the token server's answer, else 30 s", () => {
