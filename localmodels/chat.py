@@ -289,6 +289,82 @@ def memory_call(tool: ToolSpec, fact: str, known: str) -> str | None:
     return json.dumps({"label": "human", "content": fact})
 
 
+# --- answering a question about the user from memory -----------------------------------------------------------
+
+ANSWER_INSTRUCTIONS = (
+    "You answer the user's question about themselves from what you know about them, in one short sentence."
+)
+ANSWER_EXAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("Your name is Sam. You love chess.", "What is my name?", "Your name is Sam."),
+    ("You live in Lisbon. You have two cats. Your name is Sam.", "Where do I live?", "You live in Lisbon."),
+    (
+        "You love chess. You work as a teacher.",
+        "What do you know about me?",
+        "You love chess and you work as a teacher.",
+    ),
+    (
+        "Your favorite food is pizza. You have a sister named Ana.",
+        "Do you remember my sister's name?",
+        "Yes, your sister is named Ana.",
+    ),
+)
+"""Few-shot examples of the answer step, with made-up facts of their own. SmolLM2-135M asked in a new session
+"What is my favorite color?" with the fact in the reply's system prompt said blue 3-6 times in 6 and often spoke
+about itself ("I'm Alex, a helpful assistant"); with this prompt, over the same stored facts, it answers in the
+second person from them (docs/design-notes.md has the counts)."""
+ANSWER_GRAMMAR = r"""root ::= [A-Z] [^.!?\n]{2,120} [.!]"""
+"""llama.cpp GBNF: one sentence, so the answer is the fact, not a ramble after it."""
+_FIRST_PERSON = frozenset({"my", "me", "i", "mine", "myself", "i'm", "i've"})
+_THIRD_PERSON_VERBS = {"is": "are", "has": "have", "was": "were", "does": "do"}
+
+
+def known_facts(human: str) -> list[str]:
+    """The `human` block's lines that say something (its "Nothing is known..." placeholder dropped)."""
+    return [ln.strip() for ln in human.splitlines() if ln.strip() and not _PLACEHOLDER_RE.match(ln)]
+
+
+def second_person(fact: str) -> str:
+    """ "The user's name is Alex." -> "Your name is Alex."; "The user prefers blue." -> "You prefer blue.": the memory
+    text as the assistant would say it to the user (the model answered more often in the second person, and never
+    confused itself with the user, given its facts this way). Only pronouns and the verb after them change."""
+
+    def verb(m: re.Match[str]) -> str:
+        w = m.group(2)
+        if w in _THIRD_PERSON_VERBS:
+            w = _THIRD_PERSON_VERBS[w]
+        elif w.endswith("ies") and len(w) > 4:
+            w = w[:-3] + "y"
+        elif w.endswith(("shes", "ches", "xes", "sses")):
+            w = w[:-2]
+        elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+            w = w[:-1]
+        return m.group(1) + w
+
+    out = re.sub(r"\b[Tt]he user's\b", lambda m: "Your" if m.group(0)[0] == "T" else "your", fact)
+    out = re.sub(r"\b([Tt])he user\b", lambda m: "You" if m.group(1) == "T" else "you", out)
+    return re.sub(r"\b((?:You|you) )([a-z]+)\b", verb, out)
+
+
+def about_user(text: str) -> bool:
+    """Whether the user's message asks about the user themselves: a question in the first person ("What is my
+    name?", "What do I do for work?", "What do you know about me?"). Only routes the question to the answer step;
+    the answer is the model's."""
+    return text.rstrip().endswith("?") and bool(_FIRST_PERSON & set(_words(text)))
+
+
+def answer_request(facts: Sequence[str], question: str) -> list[dict[str, str]]:
+    """The few-shot prompt of the answer step: the memory text in the second person, then the user's question.
+    The instructions and examples come first and never change, so their tokens stay in the answer context's KV
+    cache (llama_cpp reuses the longest common prefix) and each answer evaluates only the facts and the question."""
+    msgs = [{"role": "system", "content": ANSWER_INSTRUCTIONS}]
+    for known, q, a in ANSWER_EXAMPLES:
+        msgs.append({"role": "user", "content": f"What you know: {known}\nQuestion: {q}"})
+        msgs.append({"role": "assistant", "content": a})
+    known_text = _cut(" ".join(second_person(f) for f in facts), MAX_SYSTEM_CHARS // 2)
+    msgs.append({"role": "user", "content": f"What you know: {known_text}\nQuestion: {_cut(question, MAX_TURN_CHARS)}"})
+    return msgs
+
+
 # --- output hygiene --------------------------------------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"[a-z0-9']+")
