@@ -106,7 +106,7 @@ def reply_prompt(condensed: list[dict[str, str]], human: str | None, user_text: 
     """The answer step for a question about the user when memory holds facts (`answer_request`: the facts in the
     second person, few-shot, one sentence under `ANSWER_GRAMMAR`, in its own context); else the condensed prompt."""
     facts = known_facts(human or "")
-    if facts and user_text and about_user(user_text):
+    if facts and user_text and about_user(user_text, facts):
         return Prompt(answer_request(facts, user_text), ANSWER, ANSWER_GRAMMAR, ANSWER_INSTRUCTIONS)
     return Prompt(condensed)
 

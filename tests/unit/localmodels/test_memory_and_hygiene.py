@@ -169,11 +169,30 @@ def test_facts_are_shown_in_the_second_person_with_the_verb_agreeing() -> None:
     assert second_person("Likes tea.") == "Likes tea."  # a line Letta or a person wrote otherwise stays as it is
 
 
-def test_only_first_person_questions_go_to_the_answer_step() -> None:
-    for q in ("What is my favorite color?", "What do I do for work?", "What do you know about me?"):
-        assert about_user(q), q
-    for q in ("What is the capital of France?", "How are you today?", "My name is Alex.", "I like tea."):
-        assert not about_user(q), q
+def test_only_questions_about_the_user_go_to_the_answer_step() -> None:
+    facts = [
+        "The user prefers blue over any other color.",
+        "The user works as a nurse.",
+        "The user has a dog named Max.",
+    ]
+    for q in (
+        "What is my favorite color?",
+        "What is my job?",
+        "What do I do for work?",
+        "What do you know about me?",
+        "Do you remember my name?",
+        "What is my dog's name?",
+    ):
+        assert about_user(q, facts), q
+    for q in (
+        "What is the capital of France?",
+        "How are you today?",
+        "My name is Alex.",
+        "Can you tell me a fun fact about cats?",
+        "What should I cook for dinner tonight?",
+        "Can you help me?",
+    ):
+        assert not about_user(q, facts), q
 
 
 def test_the_answer_prompt_keeps_its_few_shot_head_and_ends_with_the_facts_and_the_question() -> None:
