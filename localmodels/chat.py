@@ -378,6 +378,21 @@ def about_user(text: str, facts: Sequence[str]) -> bool:
     return bool(asked & known)
 
 
+def _content(text: str) -> set[str]:
+    return {w[:4] for w in _words(text) if w not in _STOPWORDS and len(w) > 2}
+
+
+EXAMPLE_MARKERS = ("sam", "lisbon", "cats", "chess", "teacher", "pizza", "sister", "ana")
+"""The made-up names and things of `ANSWER_EXAMPLES` (a unit test checks each is in them)."""
+
+
+def borrowed_words(facts: Sequence[str], question: str) -> frozenset[str]:
+    """The examples' made-up names and things (`EXAMPLE_MARKERS`, as 4-letter prefixes) that neither the facts nor
+    the question have: SmolLM2 sometimes added an example's fact to the user's ("You prefer blue and you have a
+    sister named Ana.", 1 answer in 10), and an answer using one is regenerated (`Hygiene.borrowed`)."""
+    return frozenset({w[:4] for w in EXAMPLE_MARKERS} - _content(" ".join([*facts, question])))
+
+
 def answer_request(facts: Sequence[str], question: str) -> list[dict[str, str]]:
     """The few-shot prompt of the answer step: the memory text in the second person, then the user's question.
     The instructions and examples come first and never change, so their tokens stay in the answer context's KV
@@ -431,6 +446,9 @@ class Hygiene:
     regenerates when nothing was sent). At most `MAX_SENTENCES` sentences pass (`full`)."""
 
     system: str
+    borrowed: frozenset[str] = frozenset()
+    """4-letter word prefixes a sentence must not use: the answer step's made-up example facts (`borrowed_words`). A
+    sentence with one is treated like a recital: dropped, and the reply regenerated."""
     sent: int = 0
     recital: bool = False
     foreign: bool = False
@@ -449,7 +467,7 @@ class Hygiene:
         s = sentence.strip()
         if not s or self.full:
             return None
-        if _ngrams(_words(s), RECITAL_NGRAM) & self._grams:
+        if _ngrams(_words(s), RECITAL_NGRAM) & self._grams or any(w[:4] in self.borrowed for w in _words(s)):
             self.recital, self.rejected = True, s
             return None
         if any(c.isalpha() for c in s) and not is_english(s):  # digits/punctuation alone pass quietly

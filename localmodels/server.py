@@ -30,6 +30,7 @@ from .chat import (
     about_user,
     after_memory_call,
     answer_request,
+    borrowed_words,
     condense,
     content_text,
     grounded,
@@ -100,6 +101,7 @@ class Prompt:
     context: str = REPLY
     grammar: str | None = None
     instructions: str | None = None
+    borrowed: frozenset[str] = frozenset()
 
 
 def reply_prompt(condensed: list[dict[str, str]], human: str | None, user_text: str | None) -> Prompt:
@@ -107,7 +109,13 @@ def reply_prompt(condensed: list[dict[str, str]], human: str | None, user_text: 
     second person, few-shot, one sentence under `ANSWER_GRAMMAR`, in its own context); else the condensed prompt."""
     facts = known_facts(human or "")
     if facts and user_text and about_user(user_text, facts):
-        return Prompt(answer_request(facts, user_text), ANSWER, ANSWER_GRAMMAR, ANSWER_INSTRUCTIONS)
+        return Prompt(
+            answer_request(facts, user_text),
+            ANSWER,
+            ANSWER_GRAMMAR,
+            ANSWER_INSTRUCTIONS,
+            borrowed_words(facts, user_text),
+        )
     return Prompt(condensed)
 
 
@@ -121,7 +129,7 @@ async def spoken_reply(
     msgs = p.messages
     system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else ""
     for attempt, temperature in enumerate(RETRY_TEMPERATURES):
-        h = Hygiene(system if p.instructions is None else p.instructions)
+        h = Hygiene(system if p.instructions is None else p.instructions, p.borrowed)
         last = attempt == len(RETRY_TEMPERATURES) - 1
         messages = [msgs[0], msgs[-1]] if last and len(msgs) > 2 and system and p.context == REPLY else msgs
         async with contextlib.aclosing(

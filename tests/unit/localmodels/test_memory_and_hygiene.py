@@ -6,7 +6,9 @@ import json
 from typing import Any
 
 from localmodels.chat import (
+    ANSWER_EXAMPLES,
     ANSWER_INSTRUCTIONS,
+    EXAMPLE_MARKERS,
     FACT_PREFIX,
     MEMORY_SCHEMA,
     Hygiene,
@@ -14,6 +16,7 @@ from localmodels.chat import (
     about_user,
     after_memory_call,
     answer_request,
+    borrowed_words,
     known_facts,
     last_turn_is_user,
     memory_call,
@@ -204,3 +207,15 @@ def test_the_answer_prompt_keeps_its_few_shot_head_and_ends_with_the_facts_and_t
     assert b[-1]["content"].startswith("What you know: Your name is Alex. You love blue.\n")
     # the examples' facts are made up and share nothing with a real user's
     assert "blue" not in " ".join(m["content"] for m in a[:-1]).lower()
+
+
+def test_an_answer_borrowing_an_examples_made_up_fact_is_dropped() -> None:
+    examples = " ".join(f"{k} {q} {a}" for k, q, a in ANSWER_EXAMPLES).lower()
+    assert all(m in examples for m in EXAMPLE_MARKERS)
+    borrowed = borrowed_words(["The user prefers blue over any other color."], "What is my favorite color?")
+    h = Hygiene(ANSWER_INSTRUCTIONS, borrowed)
+    assert h.feed("You prefer blue and you have a sister named Ana. ") == [] and h.recital
+    h = Hygiene(ANSWER_INSTRUCTIONS, borrowed)
+    assert h.feed("Yes, you prefer blue. ") == ["Yes, you prefer blue."] and not h.recital
+    # the user's own cats are not borrowed
+    assert "cats" not in borrowed_words(["The user has two cats."], "Do you remember my pets?")
