@@ -65,12 +65,17 @@ class RoomHygiene:
 
     async def _last_human_gone(self) -> None:
         room = self._room.name
+        if self._guard.closed and self._guard.ownership is not None:
+            return  # the sessions moved to another job (or this job is parking them): the room lives on
         if self._humans():
             logger.info(
                 "[SHUTDOWN] last session ended but a human just joined %s: keeping the room", room, extra={"room": room}
             )
             return
         logger.info("[SHUTDOWN] last human gone: deleting room %s and ending the job", room, extra={"room": room})
+        if self._guard.ownership is not None:
+            # let go of the room first: a call to the same room name right after gets a job that must own it
+            await self._guard.ownership.finish(parked=False)
         await self._ctx.delete_room()
         self._ctx.shutdown(reason="last human gone")
 
@@ -92,7 +97,7 @@ class RoomHygiene:
 
     def watch(self) -> None:
         """After connect: keep checking for an older agent, and start the no-show timer."""
-        if self._opts.leave_if_older_agent:
+        if self._opts.leave_if_older_agent and self._opts.cluster is None:
             self._room.on("participant_connected", self.leave_if_second_agent)
             self._room.on("reconnected", self.leave_if_second_agent)
         if self._opts.no_show_timeout is not None:
