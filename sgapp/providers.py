@@ -5,8 +5,10 @@
 - `local` (default without a key): offline models shipped in registry packages, nothing downloaded -
   `WhisperSTT` (whisper tiny.en, faster-whisper) and `PiperTTS` (piper en_US-joe-medium) from
   livekit.plugins.offline; Letta runs on the local model server (localmodels/, SmolLM2-135M-Instruct), which
-  after each reply asks the model, under a JSON-schema grammar, whether the user said something worth remembering,
-  and if so calls Letta's own `memory_insert` on the `human` block.
+  beside each reply asks the model, under a JSON-schema grammar, whether the user said something worth remembering,
+  and if so calls Letta's own `memory_insert` on the `human` block; a question about the user is answered by the
+  model from that block (a few-shot answer step). Silero's end-of-speech silence is shorter for these
+  (`LOCAL_MIN_SILENCE_S`).
 - `test`: STT/TTS by livekit-plugins-openai against the deterministic test provider (testprovider/), which scripts
   what the tests assert on. Only the test stack uses it.
 
