@@ -44,6 +44,7 @@ def _stack_env() -> dict[str, str]:
             "SG_PROVIDER",
             "SG_TEST_PROVIDER_URL",
             "SG_LOCALMODELS_URL",
+            "SG_REDIS_URL",
         ]
         return {k: os.environ[k] for k in keys if k in os.environ}
     env_file = ROOT / ".stack-test" / "run" / "env.json"
@@ -67,6 +68,11 @@ class Stack:
     @property
     def provider_url(self) -> str:
         return self.env["SG_TEST_PROVIDER_URL"]
+
+    @property
+    def redis_url(self) -> str:
+        """The test stack's Redis (the session store every worker started here is given)."""
+        return self.env["SG_REDIS_URL"]
 
     @property
     def logs(self) -> Path:
