@@ -309,9 +309,10 @@ class Settings(_EnvModel):
         0.5,
         "Seconds between the re-dispatch watcher's scans of the store for rooms whose owner is gone (one Redis round "
         "trip per scan; LiveKit is asked only about rooms without an owner). The LiveKit room list is read every 4 "
-        "scans, for dispatches livekit-server dropped and rejoins without a dispatch.",
+        "scans, for dispatches livekit-server dropped and rejoins without a dispatch. At most 1 s: the duty's lock "
+        "(3 s ttl) is renewed at each scan.",
         ge=0.1,
-        le=60.0,
+        le=1.0,
     )
     dispatch_grace: float = env(
         "SG_DISPATCH_GRACE",

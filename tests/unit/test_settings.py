@@ -119,7 +119,7 @@ def test_an_empty_value_means_unset() -> None:
         ({"OFFLINE_MODEL_THREADS": "many"}, "OFFLINE_MODEL_THREADS='many' is not an integer"),
         ({"SG_WEB_PORT": "0"}, "SG_WEB_PORT='0' must be between 1 and 65535"),
         ({"SG_REDIS_URL": "127.0.0.1:6379"}, "SG_REDIS_URL=<hidden>: must start with one of redis://, rediss://"),
-        ({"SG_WATCHER_INTERVAL": "0"}, "SG_WATCHER_INTERVAL='0' must be between 0.1 and 60"),
+        ({"SG_WATCHER_INTERVAL": "0"}, "SG_WATCHER_INTERVAL='0' must be between 0.1 and 1"),
         ({"SG_WATCHER_INTERVAL": "fast"}, "SG_WATCHER_INTERVAL='fast' is not a number"),
         ({"SG_DISPATCH_GRACE": "0.1"}, "SG_DISPATCH_GRACE='0.1' must be between 0.5 and 300"),
         ({"SG_HANDOFF_WAIT": "-1"}, "SG_HANDOFF_WAIT='-1' must be between 0 and 60"),
