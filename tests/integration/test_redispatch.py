@@ -126,8 +126,8 @@ async def test_the_watcher_duty_moves_when_its_holder_is_killed(
     ids = {_worker_id(a): a, _worker_id(b): b}
 
     async def holder() -> str | None:
-        value: str | None = await redis.get(keys.watcher)
-        return value
+        value = await redis.get(keys.watcher)
+        return None if value is None else str(value)
 
     async with asyncio.timeout(10):
         while (await holder()) not in ids:
