@@ -151,6 +151,10 @@ LIVEKIT_ERRORS: tuple[type[BaseException], ...] = (api.TwirpError, aiohttp.Clien
 """What a call to livekit-server's API raises when it fails (an error answer, no connection, a timeout)."""
 
 
+ROOM_COUNT_REFRESH = 5.0
+"""Seconds between livekit-server's refreshes of a room's ``num_participants`` in ``ListRooms``."""
+
+
 def _is_human(p: ParticipantInfo) -> bool:
     return p.kind != ParticipantInfo.Kind.AGENT
 
@@ -364,7 +368,12 @@ class RedispatchWatcher:
         listed = await self.livekit.room.list_rooms(api.ListRoomsRequest())
         now = time.monotonic()
         self._quiet = {sid: until for sid, until in self._quiet.items() if until > now}
-        rooms = [r for r in listed.rooms if r.num_participants > 0 and r.sid not in self._quiet]
+        # num_participants is refreshed every 5 s (``roomUpdateInterval`` in livekit-server's rtc/room.go): a room
+        # younger than twice that may have humans it does not count yet
+        young = time.time() - 2 * ROOM_COUNT_REFRESH
+        rooms = [
+            r for r in listed.rooms if (r.num_participants > 0 or r.creation_time > young) and r.sid not in self._quiet
+        ]
         if not rooms:
             return
         pipe = self.redis.pipeline(transaction=False)
