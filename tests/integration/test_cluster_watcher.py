@@ -12,14 +12,14 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from livekit import api
+from livekit.agents import utils
 from livekit.plugins.session_guard.cluster.keys import Keys, read_intent
 from livekit.plugins.session_guard.cluster.watcher import (
     ClusterView,
@@ -32,8 +32,9 @@ from livekit.plugins.session_guard.cluster.watcher import (
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from tests.integration.conftest import Stack, free_port
+from tests.integration.conftest import Stack
 from tests.support.human import Human
+from tests.support.redis_server import RedisServer
 
 FAST = WatcherOptions(interval=0.2, lock_ttl=1.0, dispatch_grace=0.5, quiet=0.0)
 
@@ -253,17 +254,13 @@ async def test_the_cluster_view_shows_owners_and_sessions_but_never_the_chat(red
     assert doc["watcher"] == "AW_w" and doc["namespace"] == f"sg:{name}"
 
 
-@pytest.fixture
-def redis_port() -> Iterator[int]:
-    yield free_port()
-
-
 async def test_redis_unreachable_is_logged_once_and_the_watcher_goes_on_when_it_is_back(
-    lk: api.LiveKitAPI, name: str, redis_port: int, caplog: pytest.LogCaptureFixture
+    lk: api.LiveKitAPI, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Redis that is down, then starts: one WARNING, store_up 0, bounded retries, INFO and the duty when back."""
     caplog.set_level(logging.INFO, logger="livekit.plugins.session_guard")
-    client = connect_redis(f"redis://127.0.0.1:{redis_port}", timeout=0.5)
+    server = RedisServer(tmp_path)  # its port, not started yet: Redis is down
+    client = connect_redis(server.url, timeout=0.5)
     registry = CollectorRegistry()
     w = RedispatchWatcher(
         client,
@@ -277,8 +274,6 @@ async def test_redis_unreachable_is_logged_once_and_the_watcher_goes_on_when_it_
     def store_up() -> float | None:
         return registry.get_sample_value("session_guard_store_up")
 
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc: subprocess.Popen[bytes] | None = None
     task = asyncio.create_task(w.run())
     try:
         await asyncio.sleep(2.0)
@@ -288,20 +283,13 @@ async def test_redis_unreachable_is_logged_once_and_the_watcher_goes_on_when_it_
         assert "Redis" in warnings[0].getMessage()
         assert store_up() == 0
         assert w.store.failures >= 3, "it retries"
-        proc = subprocess.Popen(  # noqa: ASYNC220 (starts at once; nothing here waits on it)
-            [binary, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
+        await asyncio.to_thread(server.start)
         async with asyncio.timeout(10):
             while not w.holder:
                 await asyncio.sleep(0.05)
         assert store_up() == 1
         assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await utils.aio.cancel_and_wait(task)
         await client.aclose()
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+        await asyncio.to_thread(server.stop)

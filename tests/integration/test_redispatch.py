@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -83,6 +84,11 @@ async def test_a_dispatch_dropped_while_no_worker_was_registered_gets_its_agent(
         await human.next_reply(30)  # the greeting: the agent serves the room, not only sits in it
         text = w.log_text()
         assert "[TAKEOVER]" in text and "dropped_dispatch" in text, text[-3000:]
+        # any worker answers /cluster for the whole pool, from the store
+        async with httpx.AsyncClient(timeout=5) as http:
+            r = await http.get(w.url + "/cluster")
+        assert r.status_code == 200, r.text
+        assert r.json()["namespace"] == f"sg:{name}" and r.json()["watcher"] == await asyncio.to_thread(_worker_id, w)
     finally:
         await human.hang_up()
 
@@ -98,8 +104,11 @@ async def test_a_human_rejoining_a_known_room_without_a_dispatch_gets_an_agent(
     await first.join()
     await first.wait_for_agent(30)
     await first.next_reply(30)
+    # The room's owner records it in `known` (ZADD on acquiring its lease: the job side's tests cover that); set here
+    # as the owner does, so that this test checks the watcher's half whether or not the app runs the job side.
     keys = Keys(namespace=name)
-    assert await redis.zscore(keys.known, first.room_name) is not None, "the room's owner records the room as known"
+    await redis.zadd(keys.known, {first.room_name: time.time() * 1000}, nx=True)
+    await redis.hset(keys.room(first.room_name), "metadata", json.dumps({"letta_agent_id": letta_agent}))
     await first.hang_up()  # the last human hung up: the agent deletes the room
     await asyncio.to_thread(wait_until, lambda: not stack.room_exists(first.room_name), 30, 0.2, "the room deleted")
 

@@ -524,6 +524,17 @@ class SessionGuardServer(HealthRoutesServer):
             extra={"agent_name": self.agent_name},
         )
 
+    async def _close_cluster(self) -> None:
+        await self._stop_watching()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+        if self._lkapi is not None:
+            with contextlib.suppress(Exception):
+                await self._lkapi.aclose()
+            self._lkapi = None
+
     # -- the drain handoff
 
     async def _stop_watching(self) -> None:
@@ -640,15 +651,7 @@ class SessionGuardServer(HealthRoutesServer):
             await self._stop_watching()
             await super().aclose()
         finally:
-            await self._stop_watching()
-            if self._redis is not None:
-                with contextlib.suppress(Exception):
-                    await self._redis.aclose()
-                self._redis = None
-            if self._lkapi is not None:
-                with contextlib.suppress(Exception):
-                    await self._lkapi.aclose()
-                self._lkapi = None
+            await self._close_cluster()
             if self._sweeper is not None:
                 await utils.aio.cancel_and_wait(self._sweeper)
                 self._sweeper = None
