@@ -316,9 +316,10 @@ class Settings(_EnvModel):
     )
     dispatch_grace: float = env(
         "SG_DISPATCH_GRACE",
-        3.0,
-        "Seconds a dispatch may wait for a job before the watcher calls it dropped (livekit-server drops a dispatch "
-        "made while no worker is registered) and dispatches the room again.",
+        10.0,
+        "Seconds a dispatch may be without a job before the watcher calls it dropped (livekit-server drops a dispatch "
+        "made while no worker is registered) and dispatches the room again. livekit-server lists a served dispatch's "
+        "job ~5 s after its agent joined: keep it above that.",
         ge=0.5,
         le=300.0,
     )

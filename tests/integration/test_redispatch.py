@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from livekit import api
-from livekit.plugins.session_guard.cluster.keys import Keys
+from livekit.plugins.session_guard.cluster.keys import Keys, read_intent
 from redis.asyncio import Redis
 
 from tests.integration.conftest import Stack, WorkerProc, start_worker, wait_until
@@ -163,3 +163,59 @@ async def test_the_watcher_duty_moves_when_its_holder_is_killed(
         0.1,
         "the survivor to log that it took the duty",
     )
+
+
+async def test_a_draining_worker_hands_its_leased_rooms_to_another_worker(
+    stack: Stack, letta_agent: str, pool: list[WorkerProc], redis: Redis
+) -> None:
+    """SIGTERM (`start` mode: drain): the worker takes no more jobs, dispatches each room its jobs own to another
+    worker with the handoff intent, waits (bounded) for the new owner, and gives the watcher duty up at once."""
+    name = _agent_name("handoff")
+    keys = Keys(namespace=name)
+    env = {"AGENT_NAME": name, "SG_DRAIN_TIMEOUT": "8"}
+    a = await asyncio.to_thread(start_worker, stack, name="handoff-a", extra_env=env)
+    pool.append(a)
+    human = Human(dataclasses.replace(stack.info, agent_name=name), letta_agent_id=letta_agent)
+    await human.join()
+    try:
+        await human.wait_for_agent(30)
+        await human.next_reply(30)
+        async with asyncio.timeout(15):  # a served dispatch lists its job a few seconds after the agent joined
+            while not (dispatches := await _dispatches(stack, human.room_name))[0].state.jobs:
+                await asyncio.sleep(0.2)
+        [job] = dispatches[0].state.jobs
+        # The room's lease names A's job: the job side takes it when the app runs it; set as it does otherwise.
+        await redis.set(keys.lease(human.room_name), f"1:{job.id}", px=60_000, nx=True)
+        lease = await redis.get(keys.lease(human.room_name))
+        assert lease is not None and str(lease).endswith(f":{job.id}"), lease
+        b = await asyncio.to_thread(start_worker, stack, name="handoff-b", extra_env=env)
+        pool.append(b)
+        assert await redis.get(keys.watcher) == await asyncio.to_thread(_worker_id, a), "the first worker watches"
+
+        a.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        b_id = await asyncio.to_thread(_worker_id, b)
+        async with asyncio.timeout(10):  # the duty is released at once, not left to lapse (3 s)
+            while await redis.get(keys.watcher) != b_id:
+                await asyncio.sleep(0.05)
+        print(f"drain: watcher duty on the other worker {time.monotonic() - t0:.2f} s after SIGTERM")
+        async with asyncio.timeout(15):
+            while True:
+                handoff = [
+                    d
+                    for d in await _dispatches(stack, human.room_name)
+                    if read_intent(d.metadata).handoff == str(lease)
+                ]
+                if handoff and handoff[0].state.jobs:
+                    break
+                await asyncio.sleep(0.1)
+        assert json.loads(handoff[0].metadata)["letta_agent_id"] == letta_agent, "the app's metadata goes along"
+        await asyncio.to_thread(wait_until, lambda: human.room_name in b.log_text(), 10, 0.1, "B to get the room")
+        print(f"drain: the room's handoff dispatch got a job on the other worker {time.monotonic() - t0:.2f} s after")
+        await asyncio.to_thread(a.proc.wait, 30)
+        print(f"drain: the draining worker exited {time.monotonic() - t0:.2f} s after SIGTERM")
+        assert "handed" in a.log_text() and "owned rooms to other workers" in a.log_text()
+        after_sigterm = a.log_text().split("draining worker", 1)[1]
+        assert "received job request" not in after_sigterm, "the handoff dispatch never lands on the draining worker"
+    finally:
+        await human.hang_up()

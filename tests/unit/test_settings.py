@@ -167,7 +167,7 @@ def test_metrics_port_is_off_unless_set(raw: str | None, port: int | None) -> No
 def test_the_cluster_is_off_without_a_redis_url(raw: str | None, url: str | None) -> None:
     s = load_settings(BASE if raw is None else {**BASE, "SG_REDIS_URL": raw})
     assert s.redis_url == url
-    assert (s.watcher_interval, s.dispatch_grace, s.handoff_wait) == (0.5, 3.0, 3.0)
+    assert (s.watcher_interval, s.dispatch_grace, s.handoff_wait) == (0.5, 10.0, 3.0)
 
 
 def test_a_redis_password_is_never_echoed() -> None:

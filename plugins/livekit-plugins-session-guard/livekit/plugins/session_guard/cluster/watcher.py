@@ -16,10 +16,11 @@ What the holder does (:class:`RedispatchWatcher`):
 - every ``rooms_every`` scans (2 s), LiveKit's room list, for rooms of this agent name with humans, no lease, no
   agent participant and no dispatch on its way:
 
-  (a) a dispatch of this agent name with no job, older than ``dispatch_grace``: livekit-server dropped it (no worker
-      was registered: ``agent/client.go`` logs "not dispatching agent job since no worker is available", returns no
-      job, and the dispatch stays in the room with an empty ``state.jobs`` for the room's life; nothing retries it).
-      Dispatched again with its own metadata, and the dropped one deleted;
+  (a) a dispatch of this agent name with no job, older than ``dispatch_grace`` (10 s), while no agent is in the
+      room: livekit-server dropped it (no worker was registered: ``agent/client.go`` logs "not dispatching agent job
+      since no worker is available", returns no job, and the dispatch stays in the room with an empty
+      ``state.jobs`` for the room's life; nothing retries it). Dispatched again with its own metadata, and the
+      dropped one deleted. (A served dispatch lists its job ~5 s after the agent joined, hence the grace.);
   (b) the room is in ``known`` (served by this pool in the last day) and has no dispatch of this agent name: a human
       rejoined a room name after a hang-up deleted it, with a token that carries no dispatch. Dispatched with the
       metadata the room's last owner recorded.
@@ -90,8 +91,10 @@ class WatcherOptions:
     """Seconds between scans of the store (one Redis round trip each when no room lacks an owner)."""
     rooms_every: int = 4
     """LiveKit's room list is read every this many scans (2 s): dropped dispatches and rejoins."""
-    dispatch_grace: float = 3.0
-    """A dispatch with no job this old was dropped (a job is assigned within milliseconds when a worker exists)."""
+    dispatch_grace: float = 10.0
+    """A dispatch with no job this old was dropped. Not shorter: a served dispatch lists its job only once the job
+    request's RPC returned to the room, measured 4.5-5 s after the agent joined (livekit-server 1.13.5); the agent
+    being in the room is checked too."""
     lock_ttl: float = 3.0
     """The ``watcher`` lock's ttl: another worker takes the duty this long after its holder died."""
     dispatched_ttl: float = 8.0
