@@ -474,7 +474,7 @@ async def redispatch(
             await redis.delete(keys.dispatched(room))
         raise
     logger.info(
-        "[TAKEOVER] dispatched agent %r into room %s again (%s): %s",
+        "[TAKEOVER] dispatched agent %r into room %s (%s): %s",
         agent_name,
         room,
         reason,
