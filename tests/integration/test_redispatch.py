@@ -26,7 +26,7 @@ from livekit import api
 from livekit.plugins.session_guard.cluster.keys import Keys, read_intent
 from redis.asyncio import Redis
 
-from tests.integration.conftest import Stack, WorkerProc, start_worker, wait_until
+from tests.integration.conftest import Stack, WorkerProc, free_port, start_worker, wait_until
 from tests.support.human import Human
 
 
@@ -75,7 +75,9 @@ async def test_a_dispatch_dropped_while_no_worker_was_registered_gets_its_agent(
         assert [d.agent_name for d in dispatches] == [name]
         assert not dispatches[0].state.jobs, "no worker of this agent name exists: livekit-server assigned a job?"
 
-        w = await asyncio.to_thread(start_worker, stack, name="redispatch-dropped", extra_env={"AGENT_NAME": name})
+        metrics_port = free_port()
+        env = {"AGENT_NAME": name, "SG_METRICS_PORT": str(metrics_port)}
+        w = await asyncio.to_thread(start_worker, stack, name="redispatch-dropped", extra_env=env)
         pool.append(w)
         registered = time.monotonic()  # start_worker returns once /ready answers 200
         await human.wait_for_agent(timeout=30)
@@ -87,8 +89,11 @@ async def test_a_dispatch_dropped_while_no_worker_was_registered_gets_its_agent(
         # any worker answers /cluster for the whole pool, from the store
         async with httpx.AsyncClient(timeout=5) as http:
             r = await http.get(w.url + "/cluster")
+            metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         assert r.status_code == 200, r.text
         assert r.json()["namespace"] == f"sg:{name}" and r.json()["watcher"] == await asyncio.to_thread(_worker_id, w)
+        assert 'session_guard_redispatches_total{reason="dropped_dispatch"} 1.0' in metrics, metrics[-2000:]
+        assert "session_guard_store_up 1.0" in metrics
     finally:
         await human.hang_up()
 

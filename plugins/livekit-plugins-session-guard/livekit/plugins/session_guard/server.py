@@ -495,7 +495,7 @@ class SessionGuardServer(HealthRoutesServer):
         """The store's client, the LiveKit API client and the watcher (its task starts at the first registration)."""
         from livekit import api
 
-        from .cluster.watcher import RedispatchWatcher, WatcherMetrics, WatcherOptions, connect_redis
+        from .cluster.watcher import RedispatchWatcher, WatcherOptions, connect_redis
 
         assert self.redis_url is not None
         if self._redis is not None:
@@ -508,15 +508,12 @@ class SessionGuardServer(HealthRoutesServer):
             key or os.environ.get("LIVEKIT_API_KEY"),
             secret or os.environ.get("LIVEKIT_API_SECRET"),
         )
-        if self.metrics_dir is not None:
-            self._watcher_metrics = WatcherMetrics()
         self.watcher = RedispatchWatcher(
             self._redis,
             self._lkapi,
             agent_name=self.agent_name,
             worker_id=lambda: self.id,
             options=options,
-            metrics=self._watcher_metrics,
         )
         logger.info(
             "[TAKEOVER] cluster on: sessions in the store, re-dispatch watched by one worker of agent %r",
@@ -631,6 +628,13 @@ class SessionGuardServer(HealthRoutesServer):
             )
         if self.metrics_dir is not None and self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_metrics(self.metrics_dir), name="session_guard_sweep")
+        if self.metrics_dir is not None and self.watcher is not None and self._watcher_metrics is None:
+            # created once the framework emptied the metrics directory (at its start): earlier files are gone
+            from .cluster.watcher import WatcherMetrics
+
+            self._watcher_metrics = WatcherMetrics()
+            self.watcher.metrics = self._watcher_metrics
+            self._watcher_metrics.store_up.set(0 if self.watcher.store.down_since is not None else 1)
 
     async def _sweep_metrics(self, directory: MultiprocessDir) -> None:
         """Drop the live gauges of job processes that ended (exit, crash, SIGKILL) from the metrics directory."""
