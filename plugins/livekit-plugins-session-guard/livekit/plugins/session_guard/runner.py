@@ -11,13 +11,14 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _logfmt as lf
 from .cleanup import run_cleanup
-from .core import BeginCleanup, CleanupFinished, StartTimer, TimerFired, TimerKind
+from .core import BeginCleanup, CleanupFinished, StartedEarlier, StartTimer, TimerFired, TimerKind
 from .hooks import CallOutcome, Notice, bounded_call, hook_name
 from .observe import CleanupDone
 from .resume import ResumeState
@@ -202,6 +203,9 @@ class Runner:
             # another job owned this session (it crashed, or handed the room over on a deploy): resume it from
             # what it saved, the same path as a resume in this process
             s.adopt(saved)
+            if saved.started_at:
+                elapsed = time.time() - saved.started_at
+                g._dispatch(StartedEarlier(s.identity, s.generation, elapsed, g._now()))
             s.fresh = False
             s._start_hooks_invoked = True
             s._start_done = set(range(len(hooks.start)))

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis.observability.metrics  # noqa: F401  (imported lazily by redis-py on first use: here, at worker start)
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
