@@ -29,6 +29,7 @@ from livekit.plugins import session_guard as sg
 from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.letta.options import agent_id_from_metadata
 from livekit.plugins.session_guard.cluster.options import ClusterOptions
+from livekit.plugins.session_guard.cluster.watcher import WatcherOptions
 from livekit.plugins.session_guard.server import MachineCapacity, SessionGuardServer
 from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV
 
@@ -104,6 +105,14 @@ server = SessionGuardServer(
     capacity_hint="SG_MAX_JOBS (auto or a number of rooms)",
     # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
     initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
+    # The session store (SG_REDIS_URL; unset: the cluster is off). Every worker watches for rooms to re-dispatch (one
+    # lock holder does it) and hands its rooms to another worker when it drains: docs/operations.md.
+    redis_url=SETTINGS.redis_url,
+    watcher=WatcherOptions(
+        interval=SETTINGS.watcher_interval,
+        dispatch_grace=SETTINGS.dispatch_grace,
+        handoff_wait=SETTINGS.handoff_wait,
+    ),
 )
 
 
