@@ -284,3 +284,19 @@ async def test_a_turn_waits_for_the_recovery(fake: FakeLetta, procs: tuple[Proce
     assert (await recovering).kind is RecoveryKind.ANSWERED
     assert fake.overlaps == 0
     assert CONVERSATION_KEY in gs.userdata
+
+
+async def test_an_adopted_conversation_with_no_message_yet_is_used_as_it_is(
+    fake: FakeLetta, procs: tuple[Process, Process, str]
+) -> None:
+    _a, b, agent = procs
+    conv_id = (await fake.conversations.create(agent_id=agent)).id
+    b.restore = {SHARED_KEY: {"agent_id": agent, "conversation_id": conv_id}}
+    b.room.add("alice")
+    await settle(b.guard)
+    fake.fail_next["conversations.recompile"] = [400]  # Letta: "no message yet", like 0.16.8
+    history = llm.ChatContext.empty()
+    assert await ask(b.letta, b.session(), history, "hello") == "You said: hello. (turn 1)"
+    assert await ask(b.letta, b.session(), history, "again") == "You said: again. (turn 2)"
+    assert fake.count("conversations.recompile") == 1, "retried a recompile Letta refuses"
+    assert b.letta.conversation(b.session()).conversation_id == conv_id

@@ -669,8 +669,14 @@ class LettaConversation:
             )
         except APIStatusError as e:
             if not is_not_found(e):
-                lf.warning("checking the adopted conversation failed; going ahead", error=str(e), **self._fields())
                 self._unverified = False
+                if e.status_code == 400:
+                    # Letta refuses to recompile a conversation with no message yet: it exists, and its prompt is
+                    # the one compiled when it was created (as for a conversation this process creates).
+                    self._compiled = snap.fingerprint
+                    lf.info("adopted conversation has no message yet: used as it is", **self._fields())
+                else:
+                    lf.warning("checking the adopted conversation failed; going ahead", error=str(e), **self._fields())
                 return False
             await self.replace_gone()
             await self.ensure()
