@@ -28,6 +28,7 @@ from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.letta.options import agent_id_from_metadata
+from livekit.plugins.session_guard.cluster.options import ClusterOptions
 from livekit.plugins.session_guard.server import MachineCapacity, SessionGuardServer
 from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV
 
@@ -161,6 +162,8 @@ async def entrypoint(ctx: JobContext) -> None:
     voice = build_voice(SETTINGS, ctx.proc.userdata["models"])
     ctx.add_shutdown_callback(voice.aclose)
     options = sg.SessionGuardOptions(
+        # Redis: the session belongs to the deployment (takeover after a crash, handoff on a deploy)
+        cluster=ClusterOptions(redis_url=SETTINGS.redis_url) if SETTINGS.redis_url else None,
         reconnect_window=SETTINGS.reconnect_window,
         no_show_timeout=SETTINGS.no_show_timeout,
         # Five failed Letta turns in a row end the session. Not the AgentSession's own breaker alone: it resets its

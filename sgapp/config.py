@@ -232,6 +232,12 @@ class Settings(_EnvModel):
         section="Worker",
         ge=0.0,
     )
+    redis_url: str | None = env(
+        "SG_REDIS_URL",
+        None,
+        "Redis for sessions that outlive their process (saved sessions, one owner per room, takeover after a crash, "
+        "handoff on a deploy). Unset: sessions live and die with their job process.",
+    )
     greeting: str = env("SG_GREETING", "Hello! I'm listening. What can I do for you?", "What the agent says first.")
     load_threshold: float | None = env(
         "SG_LOAD_THRESHOLD",
@@ -339,6 +345,17 @@ class Settings(_EnvModel):
     @classmethod
     def _metrics_off(cls, v: Any) -> Any:
         return _off_to_none(v)
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return None
+            if not v.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {v!r}")
+        return v
 
     @field_validator("letta_journal_dir", mode="before")
     @classmethod

@@ -44,6 +44,7 @@ def _stack_env() -> dict[str, str]:
             "SG_PROVIDER",
             "SG_TEST_PROVIDER_URL",
             "SG_LOCALMODELS_URL",
+            "SG_REDIS_URL",
         ]
         return {k: os.environ[k] for k in keys if k in os.environ}
     env_file = ROOT / ".stack-test" / "run" / "env.json"

@@ -101,11 +101,18 @@ class Human:
         self._readers.add(t)
         t.add_done_callback(self._readers.discard)
 
+    def agents(self) -> list[rtc.RemoteParticipant]:
+        """Agent participants in the room, oldest first."""
+        found = [
+            p for p in self.room.remote_participants.values() if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ]
+        return sorted(found, key=lambda p: (p.joined_at.timestamp() if p.joined_at else 0.0, p.identity))
+
     def agent(self) -> rtc.RemoteParticipant | None:
-        for p in self.room.remote_participants.values():
-            if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
-                return p
-        return None
+        """The agent this human talks to: the newest one (after a takeover, a dead agent stays listed until
+        livekit-server times it out, ~15-20 s, beside the one that took the room over)."""
+        found = self.agents()
+        return found[-1] if found else None
 
     async def wait_for_agent(self, timeout: float = 30.0) -> rtc.RemoteParticipant:
         loop = asyncio.get_running_loop()

@@ -37,6 +37,7 @@ from livekit.plugins.session_guard.core import (
     SessionGone,
     SessionState,
     Shutdown,
+    StartedEarlier,
     StartSession,
     StartTimer,
     StopConnection,
@@ -271,6 +272,37 @@ def test_max_duration_ends_even_while_away_without_goodbye() -> None:
     m.fire("alice", TimerKind.MAX_DURATION)
     (cleanup,) = m.of(BeginCleanup)
     assert cleanup.reason is EndReason.MAX_DURATION and cleanup.notice is None and not cleanup.was_active
+
+
+def test_adopted_session_keeps_its_max_duration_from_the_first_process() -> None:
+    """A session adopted after a crash or a deploy started earlier, elsewhere: its max duration counts from then."""
+    m = Machine(CoreConfig(max_duration=100, reconnect_window=30, idle_timeout=None))
+    m.now = 5
+    m.join("alice", "S1")
+    assert m.timers[("alice", 1, TimerKind.MAX_DURATION)][1] == 105
+    m.send(StartedEarlier("alice", 1, 90.0, m.now))
+    assert m.timers[("alice", 1, TimerKind.MAX_DURATION)][1] == 15
+    m.fire("alice", TimerKind.MAX_DURATION)
+    (cleanup,) = m.of(BeginCleanup)
+    assert cleanup.reason is EndReason.MAX_DURATION
+    # a stale generation, or a session without the limit: nothing happens
+    m2 = Machine(CoreConfig(max_duration=None, reconnect_window=30, idle_timeout=None))
+    m2.join("bob", "S2")
+    assert m2.send(StartedEarlier("bob", 1, 1000.0, 0.0)) == []
+    assert m.send(StartedEarlier("alice", 7, 1.0, m.now)) == []
+
+
+def test_moved_sessions_end_without_goodbye() -> None:
+    m = Machine()
+    m.join("alice", "S1")
+    m.join("bob", "S2")
+    m.leave("bob", "S2", DROP)
+    m.send(Shutdown(EndReason.MOVED, m.now))
+    cleanups = m.of(BeginCleanup)
+    assert {c.identity: (c.reason, c.notice) for c in cleanups} == {
+        "alice": (EndReason.MOVED, None),
+        "bob": (EndReason.MOVED, None),
+    }
 
 
 def test_signals_for_an_old_generation_are_ignored() -> None:

@@ -44,6 +44,12 @@ __all__ = [
 ]
 
 
+try:  # the cluster's Redis client: imported when the worker preloads plugins, never inside a job's event loop
+    from .cluster import ownership as _ownership  # noqa: F401
+except ImportError:  # without the ``cluster`` extra: in-process sessions only
+    pass
+
+
 class SessionGuardPlugin(Plugin):
     def __init__(self) -> None:
         super().__init__(__name__, __version__, __package__, logger)

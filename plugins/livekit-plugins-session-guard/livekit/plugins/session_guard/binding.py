@@ -77,6 +77,12 @@ class AgentSessionBinding:
             agent_session.on(event, handler)  # type: ignore[arg-type]
         self._remove_notice = session.add_notice_handler(self._speak)
         self._detached = False
+        if keep_history:
+            # what the session saves from now on (after each item; the guard saves once the connection's hooks ran)
+            session.set_history_source(self._history)
+
+    def _history(self) -> llm.ChatContext:
+        return self.agent_session.history
 
     # -- plain-function handlers
 
@@ -91,6 +97,8 @@ class AgentSessionBinding:
 
     def _on_conversation_item_added(self, ev: ConversationItemAddedEvent) -> None:
         item = ev.item
+        if self._keep_history:
+            self.session.note_history(self._history)  # saved for a resume here or in another process
         if not isinstance(item, llm.ChatMessage):
             return
         if item.role == "user":

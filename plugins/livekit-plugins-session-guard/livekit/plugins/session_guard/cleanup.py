@@ -47,9 +47,10 @@ async def run_cleanup(r: Runner, eff: BeginCleanup) -> None:
         for hook in reversed(list(g._hooks.end)):
             fn = functools.partial(hook, s, eff.reason)
             errors += not await r.call(f"end hook {hook_name(hook)}", fn, g._opts.hook_timeout, None)
-    # 4b. the saved resume state: an ended session never resumes
-    drop = functools.partial(g.resume_store.drop, s.room_name, s.identity)
-    errors += not await r.call("drop resume state", drop, g._opts.hook_timeout, None)
+    # 4b. the saved resume state: an ended session never resumes; a moved one resumes in its new process
+    if eff.reason is not EndReason.MOVED:
+        drop = functools.partial(g.resume_store.drop, s.room_name, s.identity)
+        errors += not await r.call("drop resume state", drop, g._opts.hook_timeout, None)
     r.cleanup_errors += errors
     # 5, 6 and the report: what needs no waiting
     r.finish(eff, forced=False, started=t0)
@@ -76,8 +77,9 @@ async def _close_session_scope(r: Runner) -> bool:
     return not result.leaked
 
 
-async def close_guard(g: SessionGuard) -> None:
-    """End every session in parallel within ``shutdown_timeout``, then cancel what is left."""
+async def close_guard(g: SessionGuard, reason: EndReason = EndReason.SHUTDOWN) -> None:
+    """End every session in parallel within ``shutdown_timeout``, then cancel what is left. ``MOVED``: the sessions
+    go on in another process (no goodbye, their saved state stays)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     bound = g._opts.shutdown_timeout
@@ -86,7 +88,7 @@ async def close_guard(g: SessionGuard) -> None:
         "SHUTDOWN",
         f"ending {len(live)} sessions ({len(g._runners)} with cleanup) within {bound:.1f}s",
         room=g.room_name,
-        reason="shutdown",
+        reason=reason.value,
         state="closing",
     )
     # the cleanups' scope ends a little before the bound: what is left of it forces stragglers and writes the
@@ -96,7 +98,7 @@ async def close_guard(g: SessionGuard) -> None:
         async with asyncio.timeout(bound) as outer:
             for runner in list(g._runners.values()):
                 runner.bound(g._shutdown_deadline)
-            g._dispatch(Shutdown(EndReason.SHUTDOWN, g._now()))
+            g._dispatch(Shutdown(reason, g._now()))
             # every runner (and the last-human hooks they trigger) within the cleanups' scope
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(g._shutdown_deadline):

@@ -45,7 +45,9 @@ async def start_agent_session(
 ) -> None:
     state = None if session.fresh else await session.resume_state()
     if state is not None:
-        await agent.update_chat_ctx(state.chat_ctx())  # before start: sets the agent's initial context
+        base = state.chat_ctx()
+        session._history_base = base  # what this connection saves is this history plus its own
+        await agent.update_chat_ctx(base.copy())  # before start: sets the agent's initial context
     # The guard's own count of failed turns only when the app asked for it (options.max_consecutive_errors): the
     # AgentSession's breaker resets whenever the agent speaks, so an app that apologises aloud never trips it.
     bind_agent_session(session, agent_session, count_errors=session._guard.options.max_consecutive_errors is not None)

@@ -55,6 +55,7 @@ __all__ = [
     "Shutdown",
     "StartSession",
     "StartTimer",
+    "StartedEarlier",
     "StopConnection",
     "SuccessNoted",
     "TimerFired",
@@ -261,6 +262,17 @@ class SuccessNoted:
 
 
 @dataclass(frozen=True)
+class StartedEarlier:
+    """The session was adopted from saved state: it started ``elapsed`` seconds ago, in another process (its
+    ``max_duration`` counts from then)."""
+
+    identity: str
+    generation: int
+    elapsed: float
+    now: float
+
+
+@dataclass(frozen=True)
 class EndRequested:
     identity: str
     generation: int | None
@@ -310,6 +322,7 @@ Event = (
     | ErrorNoted
     | SuccessNoted
     | EndRequested
+    | StartedEarlier
     | CleanupFinished
     | Resync
     | Shutdown
@@ -886,6 +899,15 @@ class _Tx:
         if rec is not None and rec.state is SessionState.ACTIVE and rec.errors:
             self.sessions[rec.identity] = replace(rec, errors=0)
 
+    def started_earlier(self, ev: StartedEarlier) -> None:
+        rec = self.current(ev.identity, ev.generation)
+        if rec is None or rec.state is not SessionState.ACTIVE or rec.timers.get(TimerKind.MAX_DURATION) is None:
+            return
+        rec = self.disarm(rec, TimerKind.MAX_DURATION)
+        self.sessions[rec.identity] = self.arm(
+            rec, TimerKind.MAX_DURATION, self.max_duration.deadline(ev.now - max(0.0, ev.elapsed))
+        )
+
     def end_requested(self, ev: EndRequested) -> None:
         if self.current(ev.identity, ev.generation) is not None:
             self.fire(ev.identity, Trigger.END, ev.now, reason=ev.reason)
@@ -957,6 +979,8 @@ def step(state: CoreState, event: Event, config: CoreConfig) -> tuple[CoreState,
         tx.success(event)
     elif isinstance(event, EndRequested):
         tx.end_requested(event)
+    elif isinstance(event, StartedEarlier):
+        tx.started_earlier(event)
     elif isinstance(event, CleanupFinished):
         tx.cleanup_finished(event)
     elif isinstance(event, Resync):

@@ -73,6 +73,8 @@ from .totals import Totals, tally
 if TYPE_CHECKING:
     from livekit.agents import JobContext
 
+    from .cluster.ownership import RoomOwnership
+
 __all__ = ["SessionGuard", "end_sessions_before_disconnect"]
 
 
@@ -141,6 +143,9 @@ class SessionGuard:
         self._closed = asyncio.Event()
         self._shutdown_deadline: float | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        self.ownership: RoomOwnership | None = None
+        """The room's lease and saved sessions when ``options.cluster`` is set and ``serve`` claimed the room."""
+        self._cluster_work = TaskScope("session_guard.cluster", leak_keeper=self._leaks)
         self._observers = Observers([LogObserver(self._opts)])
         if metrics is not None:
             self._observers.add(MetricsObserver(metrics))
@@ -303,12 +308,54 @@ class SessionGuard:
 
         ctx.add_shutdown_callback(close_router)
         await ctx.connect()
-        if hygiene.leave_if_second_agent():
+        if self._opts.cluster is not None:
+            if not await self._claim_room(ctx):
+                ctx.shutdown(reason="another job owns this room")
+                return self
+        elif hygiene.leave_if_second_agent():
             return self
         router.attach()
         self.attach()
         hygiene.watch()
         return self
+
+    async def _claim_room(self, ctx: JobContext) -> bool:
+        """Cluster mode: take the room's lease (or leave), then watch for losing it or handing it over."""
+        from .cluster.keys import read_intent
+        from .cluster.ownership import RoomOwnership
+
+        opts = self._opts.cluster
+        assert opts is not None
+        ownership = RoomOwnership.connect(
+            opts,
+            namespace=opts.namespace if opts.namespace is not None else ctx.job.agent_name,
+            room=self.room_name,
+            job_id=str(ctx.job.id),
+            metadata=ctx.job.metadata,
+            reconnect_window=self._opts.reconnect_window,
+        )
+        if not await ownership.claim(read_intent(ctx.job.metadata)):
+            await ownership.finish(parked=True)
+            return False
+        self.ownership = ownership
+        self.resume_store = ownership
+        self._cluster_work.spawn(ownership.run(), name="session_guard.cluster.lease")
+        self._cluster_work.spawn(self._follow_ownership(ctx, ownership), name="session_guard.cluster.follow")
+        return True
+
+    async def _follow_ownership(self, ctx: JobContext, ownership: RoomOwnership) -> None:
+        """Lost the lease: stop speaking and listening now. A handoff: park the sessions, let go, end the job."""
+        change = await ownership.change
+        t0 = self._now()
+        await self._close(EndReason.MOVED)
+        lf.info(
+            "CLUSTER",
+            f"sessions stopped for the room's new owner ({change.kind.value}: {change.detail})",
+            room=self.room_name,
+            duration=self._now() - t0,
+        )
+        await ownership.finish(parked=True)
+        ctx.shutdown(reason=f"room {change.kind.value}: {change.detail}")
 
     def register_with_job(self, ctx: JobContext) -> None:
         """End every session on job shutdown.
@@ -335,14 +382,32 @@ class SessionGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """End every session in parallel within ``options.shutdown_timeout``; idempotent."""
+        """End every session in parallel within ``options.shutdown_timeout``; idempotent.
+
+        With ``options.cluster`` and the store reachable, live sessions are not ended but *parked*
+        (``EndReason.MOVED``): saved for the job that takes the room over (a deploy, or the next worker to register
+        within the reconnect window)."""
+        ownership = self.ownership
+        park = (
+            ownership is not None
+            and ownership.owner
+            and ownership.store_up
+            and any(s.state is not SessionState.ENDING for s in self.sessions())
+        )
+        await self._close(EndReason.MOVED if park else EndReason.SHUTDOWN)
+        await self._cluster_work.aclose(self._opts.task_cancel_timeout)  # the renew loop first, then let go
+        if ownership is not None:
+            moved = ownership.change.done() and not ownership.change.cancelled()  # a handoff, or the lease lost
+            await ownership.finish(parked=park or moved)
+
+    async def _close(self, reason: EndReason) -> None:
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
         t0 = self._now()
         try:
-            await close_guard(self)
+            await close_guard(self, reason)
         finally:
             self._detach()
             if self._publisher is not None:
@@ -351,7 +416,7 @@ class SessionGuard:
                 "SHUTDOWN",
                 "session guard closed",
                 room=self.room_name,
-                reason="shutdown",
+                reason=reason.value,
                 state="closed",
                 duration=self._now() - t0,
                 **{f"total_{k}": v for k, v in self._totals.as_dict().items()},
@@ -379,6 +444,7 @@ class SessionGuard:
             "totals": self._totals.as_dict(),
             "leaked_tasks_running": len(self._leaks),
             "closed": self._closing,
+            **({"cluster": self.ownership.snapshot()} if self.ownership is not None else {}),
         }
 
     # -- the core loop

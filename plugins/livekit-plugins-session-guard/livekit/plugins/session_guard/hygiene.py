@@ -65,6 +65,8 @@ class RoomHygiene:
 
     async def _last_human_gone(self) -> None:
         room = self._room.name
+        if self._guard.closed and self._guard.ownership is not None:
+            return  # the sessions moved to another job (or this job is parking them): the room lives on
         if self._humans():
             logger.info(
                 "[SHUTDOWN] last session ended but a human just joined %s: keeping the room", room, extra={"room": room}
@@ -92,7 +94,7 @@ class RoomHygiene:
 
     def watch(self) -> None:
         """After connect: keep checking for an older agent, and start the no-show timer."""
-        if self._opts.leave_if_older_agent:
+        if self._opts.leave_if_older_agent and self._opts.cluster is None:
             self._room.on("participant_connected", self.leave_if_second_agent)
             self._room.on("reconnected", self.leave_if_second_agent)
         if self._opts.no_show_timeout is not None:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from livekit import rtc
 
+from .cluster.options import ClusterOptions
 from .core import CoreConfig, NoticeKind
 
 __all__ = [
@@ -95,7 +96,11 @@ class SessionGuardOptions:
     delete_room_when_empty: bool = True
     """The last human session finished its cleanup and no human is in the room: delete the room, end the job."""
     leave_if_older_agent: bool = True
-    """An older agent of this agent name is in the room (a livekit-server restart): this job leaves."""
+    """An older agent of this agent name is in the room (a livekit-server restart): this job leaves. Not used with
+    ``cluster``: the room's lease decides who serves it."""
+    cluster: ClusterOptions | None = None
+    """Sessions that outlive their process (``cluster.ClusterOptions``: saved in Redis, one owner per room, takeover
+    after a crash, handoff on a deploy). None: sessions live and die with this job's process."""
 
     def __post_init__(self) -> None:
         for name in (

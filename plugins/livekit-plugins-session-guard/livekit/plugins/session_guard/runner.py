@@ -11,15 +11,17 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _logfmt as lf
 from .cleanup import run_cleanup
-from .core import BeginCleanup, CleanupFinished, StartTimer, TimerFired, TimerKind
+from .core import BeginCleanup, CleanupFinished, StartedEarlier, StartTimer, TimerFired, TimerKind
 from .hooks import CallOutcome, Notice, bounded_call, hook_name
 from .observe import CleanupDone
+from .resume import ResumeState
 from .scope import ScopeResult, format_task_stack
 from .session import Connection, GuardSession
 
@@ -197,9 +199,23 @@ class Runner:
         g = self.guard
         s = self.session
         hooks = g._hooks
-        if isinstance(job, StartJob):
+        if isinstance(job, StartJob) and (saved := await self.saved_elsewhere()) is not None:
+            # another job owned this session (it crashed, or handed the room over on a deploy): resume it from
+            # what it saved, the same path as a resume in this process
+            s.adopt(saved)
+            if saved.started_at:
+                elapsed = time.time() - saved.started_at
+                g._dispatch(StartedEarlier(s.identity, s.generation, elapsed, g._now()))
+            s.fresh = False
+            s._start_hooks_invoked = True
+            s._start_done = set(range(len(hooks.start)))
+            self.log(logging.INFO, "SESSION", "session adopted from its saved state", saved_at=saved.saved_at)
+            await self.resume_hooks(job.connection)
+            s.save_soon()
+        elif isinstance(job, StartJob):
             s.fresh = True
             await self.start_hooks(job.connection)
+            s.save_soon()
         elif isinstance(job, ResumeJob) and len(s._start_done) < len(hooks.start):
             # the session never fully started (a start hook failed, or was cancelled when the first connection
             # dropped): this connection completes the start instead of resuming
@@ -208,17 +224,8 @@ class Runner:
             await self.start_hooks(job.connection)
         elif isinstance(job, ResumeJob):
             s.fresh = False
-            for hook in list(hooks.resume):
-                await self.call(
-                    f"resume hook {hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, job.connection
-                )
-            self.log(
-                logging.INFO,
-                "SESSION",
-                "session resume hooks done",
-                previous_sid=job.previous_sid,
-                takeover=job.takeover,
-            )
+            await self.resume_hooks(job.connection, previous_sid=job.previous_sid, takeover=job.takeover)
+            s.save_soon()
         elif isinstance(job, StopJob):
             await self.close_connection(job.connection)
             self._stopping.discard(id(job.connection))
@@ -227,6 +234,27 @@ class Runner:
                 await self.call(f"away hook {hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, None)
         elif isinstance(job, NoticeJob):
             await self.deliver_notice(job.notice, job.connection, preemptible=True)
+
+    async def saved_elsewhere(self) -> ResumeState | None:
+        """The saved state of this identity's session in the room, if a session this guard does not know saved it
+        (in another process); None when there is none or the store cannot say (then the session starts fresh)."""
+        g = self.guard
+        s = self.session
+        try:
+            state = await g.resume_store.load(s.room_name, s.identity)
+        except Exception as e:
+            self.log(logging.WARNING, "SESSION", f"loading the saved session failed: {e!r}: starting fresh")
+            return None
+        if state is None or any(r.session.session_id == state.session_id for r in g._runners.values()):
+            return None  # nothing saved, or a session of this guard that is still ending
+        return state
+
+    async def resume_hooks(self, conn: Connection, **fields: Any) -> None:
+        g = self.guard
+        s = self.session
+        for hook in list(g._hooks.resume):
+            await self.call(f"resume hook {hook_name(hook)}", functools.partial(hook, s), g._opts.hook_timeout, conn)
+        self.log(logging.INFO, "SESSION", "session resume hooks done", **fields)
 
     async def start_hooks(self, conn: Connection) -> None:
         g = self.guard

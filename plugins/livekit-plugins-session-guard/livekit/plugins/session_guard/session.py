@@ -7,6 +7,7 @@ forgot the session, from the last record it had.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from livekit import rtc
+from livekit.agents import llm
 
 from .core import (
     ActivityNoted,
@@ -26,11 +28,12 @@ from .core import (
     SuccessNoted,
 )
 from .hooks import NoticeHook
+from .log import logger
 from .resume import ResumeState
 from .scope import TaskScope
 
 if TYPE_CHECKING:
-    from livekit.agents import Agent, AgentSession, llm, room_io
+    from livekit.agents import Agent, AgentSession, room_io
 
     from .guard import SessionGuard
 
@@ -94,6 +97,12 @@ class GuardSession:
         """True while this session's start runs (a new conversation); False while a connection resumes it."""
         self.started_at = time.time()
         self._started_mono = guard._now()
+        self.adopted = False
+        """This process took the session over from saved state (another job owned it before: a crash, a deploy)."""
+        self._resumes_before = 0  # resumes counted by the processes that owned the session before this one
+        self._history_base: llm.ChatContext | None = None  # the saved history this connection started from
+        self._history_fn: Callable[[], llm.ChatContext] | None = None
+        self._save_wanted: asyncio.Event | None = None
         self._start_hooks_invoked = False
         self._start_done: set[int] = set()  # indices of start hooks that completed
 
@@ -111,7 +120,7 @@ class GuardSession:
 
     @property
     def resumes(self) -> int:
-        return self._record().resumes
+        return self._resumes_before + self._record().resumes
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -161,7 +170,63 @@ class GuardSession:
         return state if state is not None and state.session_id == self.session_id else None
 
     async def save_resume_state(self, history: llm.ChatContext) -> None:
-        await self._guard.resume_store.save(ResumeState.of(self.room_name, self.identity, self.session_id, history))
+        """Save this session for its next connection, here or in another process: ``history`` (the current
+        AgentSession's) on top of the history this connection started from, ``shared``, the start time, resumes."""
+        if self._history_base is not None:
+            history = self._history_base.copy().merge(history)
+        state = ResumeState.of(
+            self.room_name,
+            self.identity,
+            self.session_id,
+            history,
+            shared=self.shared,
+            started_at=self.started_at,
+            resumes=self.resumes,
+        )
+        await self._guard.resume_store.save(state)
+
+    def set_history_source(self, history: Callable[[], llm.ChatContext]) -> None:
+        """Where the session's history comes from now (the current connection's AgentSession)."""
+        self._history_fn = history
+
+    def save_soon(self) -> None:
+        """Save the session with the history last given to ``note_history`` (nothing before an AgentSession)."""
+        if self._history_fn is not None:
+            self.note_history(self._history_fn)
+
+    def note_history(self, history: Callable[[], llm.ChatContext]) -> None:
+        """The conversation moved on (a turn, an item): save it soon. Saves are coalesced, in order, by one task of
+        the session scope; ``history`` is read when the save runs."""
+        self._history_fn = history
+        if self._save_wanted is None:
+            self._save_wanted = asyncio.Event()
+            try:
+                self.scope.spawn(self._saver(self._save_wanted), name="save_resume_state")
+            except Exception:  # the session is ending: its cleanup saves nothing more
+                self._save_wanted = None
+                return
+        self._save_wanted.set()
+
+    async def _saver(self, wanted: asyncio.Event) -> None:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            fn = self._history_fn
+            if fn is None:
+                continue
+            try:
+                await self.save_resume_state(fn())
+            except Exception as e:
+                logger.warning("[SESSION] saving the session failed: %r", e, extra={"room": self.room_name})
+
+    def adopt(self, state: ResumeState) -> None:
+        """Take this session over from ``state`` (saved by the job that owned it before)."""
+        self.session_id = state.session_id
+        self.shared = dict(state.shared)
+        if state.started_at:
+            self.started_at = state.started_at
+        self._resumes_before = state.resumes + 1
+        self.adopted = True
 
     # -- signals from the app (all no-ops once this generation is no longer current)
 
@@ -207,6 +272,8 @@ class GuardSession:
             "tasks": len(self.scope) + len(self.connection.scope),
             "generation": self.generation,
             "resumes": self.resumes,
+            "session_id": self.session_id,
+            "adopted": self.adopted,
         }
 
     def __repr__(self) -> str:
