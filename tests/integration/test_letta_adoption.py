@@ -1,8 +1,8 @@
 """A session moving to another process, against the real Letta 0.16.8 (the test provider as its model) and the test
 stack's Redis (the retirement journal): two `LettaSessions`, each with its own client, guard and journal, stand for
-two job processes. The room side is the session guard's fake room (the guard's adoption of saved sessions is the
-lead's part; here the saved `shared` data is handed to the second guard's session by a start hook, as the guard
-does when it adopts), the AgentSessions are real ones (no room, no TTS: text in, text out).
+two job processes. The room side is the session guard's fake room, with the guard's own adoption path (the session
+saved with its `shared` data in a resume store both guards read, as the cluster's Redis store is); the
+AgentSessions are real ones (no room, no TTS: text in, text out).
 
 - adoption: the second process continues the same Letta conversation by its `shared` data (no new conversation;
   the test provider's "(turn N)" counts on), takes the journal hold the first let go, retires it at the real end;
@@ -27,6 +27,7 @@ from livekit.plugins.letta import LettaOptions, LettaTurnOptions
 from livekit.plugins.letta.guard import SHARED_KEY, LettaSessions, RecoveryKind
 from livekit.plugins.letta.redis_journal import RedisJournal
 from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard
+from livekit.plugins.session_guard.resume import MemoryResumeStore
 
 from tests.integration.conftest import Stack
 from tests.support.letta_checks import conversations, model_request, provider_latency, user_messages, wait_for
@@ -43,21 +44,20 @@ def redis_url() -> str:
 class Process:
     """One job process: its own Letta client, LettaSessions, Redis journal and guard (on a fake room)."""
 
-    def __init__(self, letta_url: str, agent: str, prefix: str, state: Path, **opts: Any) -> None:
+    def __init__(
+        self, letta_url: str, agent: str, prefix: str, state: Path, store: MemoryResumeStore, **opts: Any
+    ) -> None:
         self.client = AsyncLetta(base_url=letta_url, max_retries=0)
         self.journal = RedisJournal.from_url(redis_url(), prefix=prefix, ttl=1.0, grace=5.0)
-        self.room = FakeRoom(f"room-{state.name}")
-        self.guard = SessionGuard(self.room.as_room, fast_options(reconnect_window=5.0), state_dir=state)
+        self.room = FakeRoom("room-1")
+        self.guard = SessionGuard(
+            self.room.as_room, fast_options(reconnect_window=5.0), state_dir=state, resume_store=store
+        )
         options = LettaOptions(
             turn=LettaTurnOptions(first_token_timeout=20, total_timeout=40), request_timeout=5.0, **opts
         )
         self.letta = LettaSessions(self.client, options, journal=self.journal)
-        self.restore: dict[str, Any] = {}
-
-        @self.guard.on_session_start
-        async def restore(gs: GuardSession) -> None:  # what the guard does when it adopts a saved session
-            gs.shared.update(self.restore)
-
+        self.store = store
         self.letta.install(self.guard, agent_id_for=lambda s: agent)
         self.guard.attach()
 
@@ -85,8 +85,9 @@ class Process:
 @pytest.fixture
 async def two(stack: Stack, letta_agent: str, tmp_path: Path) -> AsyncIterator[tuple[Process, Process]]:
     prefix = f"test-adopt-{os.urandom(4).hex()}"
-    a = Process(stack.letta_url, letta_agent, prefix, tmp_path / "a")
-    b = Process(stack.letta_url, letta_agent, prefix, tmp_path / "b")
+    store = MemoryResumeStore()
+    a = Process(stack.letta_url, letta_agent, prefix, tmp_path / "a", store)
+    b = Process(stack.letta_url, letta_agent, prefix, tmp_path / "b", store)
     try:
         yield a, b
     finally:
@@ -136,12 +137,15 @@ async def first_turn(p: Process) -> tuple[GuardSession, llm.ChatContext, str]:
     return gs, history, conv_id
 
 
-async def moved(a: Process, b: Process, gs: GuardSession) -> GuardSession:
-    """The session moves from process a to process b: a ends it with MOVED, b adopts it from its shared data."""
-    b.restore = {SHARED_KEY: dict(gs.shared[SHARED_KEY])}
+async def moved(a: Process, b: Process, gs: GuardSession, history: llm.ChatContext) -> GuardSession:
+    """The session moves from process a to process b: a saves it and ends it with MOVED (a handoff; a crash leaves
+    the same saved state), b's guard adopts it from the saved state."""
+    await gs.save_resume_state(history)
     gs.end(EndReason.MOVED)
     await settle(a.guard, timeout=10)
-    return await b.join()
+    gs_b = await b.join()
+    assert gs_b.adopted and gs_b.session_id == gs.session_id
+    return gs_b
 
 
 async def test_another_process_adopts_the_session_and_continues_the_same_conversation(
@@ -152,7 +156,7 @@ async def test_another_process_adopts_the_session_and_continues_the_same_convers
     assert gs.shared[SHARED_KEY] == {"agent_id": letta_agent, "conversation_id": conv_id}
     assert a.journal.held == [conv_id]
 
-    gs_b = await moved(a, b, gs)
+    gs_b = await moved(a, b, gs, history)
     assert a.journal.held == [] and b.journal.held == [conv_id], "the journal hold did not follow the session"
     assert conversations(letta_sync, letta_agent) == [conv_id], "the move retired or created a conversation"
     session = await b.agent_session(gs_b, history)
@@ -184,7 +188,7 @@ async def test_a_turn_letta_answered_after_its_owner_died_is_said_once_and_not_a
     )
     for _ in stream:
         pass
-    gs_b = await moved(a, b, gs)
+    gs_b = await moved(a, b, gs, history)
     session = await b.agent_session(gs_b, history)
     r = await b.letta.finish_interrupted_turn(gs_b, session, history)
     assert r.kind is RecoveryKind.ANSWERED and r.reply == "You said: two. (turn 2)" and r.user_text == "two"
@@ -217,7 +221,7 @@ async def test_a_turn_still_running_when_the_new_owner_looks_is_waited_for_and_s
         await stream.close()
         await client.close()
         assert long not in user_messages(letta_sync, conv_id), "Letta wrote the message before its run finished"
-        gs_b = await moved(a, b, gs)
+        gs_b = await moved(a, b, gs, history)
         session = await b.agent_session(gs_b, history)
         r = await b.letta.finish_interrupted_turn(gs_b, session, history)
     assert r.kind is RecoveryKind.ANSWERED and r.waited_runs == 1, r
@@ -232,7 +236,7 @@ async def test_a_turn_letta_never_got_is_asked_once(
     a, b = two
     gs, history, conv_id = await first_turn(a)
     history.add_message(role="user", content="two")  # the owner died before sending it
-    gs_b = await moved(a, b, gs)
+    gs_b = await moved(a, b, gs, history)
     session = await b.agent_session(gs_b, history)
     r = await b.letta.finish_interrupted_turn(gs_b, session, history)
     assert r.kind is RecoveryKind.UNANSWERED and r.user_text == "two"
@@ -252,9 +256,9 @@ async def test_letta_unreachable_means_the_user_is_asked_to_repeat_and_letta_get
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
-    c = Process(refused, letta_agent, f"test-adopt-{os.urandom(4).hex()}", tmp_path / "c")
+    c = Process(refused, letta_agent, f"test-adopt-{os.urandom(4).hex()}", tmp_path / "c", a.store)
     try:
-        gs_c = await moved(a, c, gs)
+        gs_c = await moved(a, c, gs, history)
         session = await c.agent_session(gs_c, history)
         r = await c.letta.finish_interrupted_turn(gs_c, session, history)
         assert r.kind is RecoveryKind.UNKNOWN and "cannot reach Letta" in r.detail

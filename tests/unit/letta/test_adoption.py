@@ -15,6 +15,7 @@ from livekit.agents import AgentSession, llm
 from livekit.plugins.letta.guard import CONVERSATION_KEY, SHARED_KEY, LettaSessions, RecoveryKind
 from livekit.plugins.letta.journal import FileJournal
 from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard
+from livekit.plugins.session_guard.resume import MemoryResumeStore, ResumeState
 
 from tests.unit.letta.conftest import as_client, fast
 from tests.unit.letta.fake_letta import FakeLetta
@@ -22,20 +23,25 @@ from tests.unit.session_guard.fakes import FakeRoom, fast_options, settle
 
 
 class Process:
-    """One job process: a guard on its room, its own LettaSessions and journal handle set."""
+    """One job process: a guard on the room (the saved sessions in a store both processes share), its own
+    LettaSessions."""
 
-    def __init__(self, fake: FakeLetta, agent: str, journal: Path, name: str, **opts: Any) -> None:
-        self.room = FakeRoom(name)
-        self.guard = SessionGuard(self.room.as_room, fast_options(reconnect_window=5.0), state_dir=journal / name)
+    def __init__(
+        self, fake: FakeLetta, agent: str, journal: Path, name: str, store: MemoryResumeStore, **opts: Any
+    ) -> None:
+        self.room = FakeRoom("room-1")
+        self.store = store
+        self.guard = SessionGuard(
+            self.room.as_room, fast_options(reconnect_window=5.0), state_dir=journal / name, resume_store=store
+        )
         self.letta = LettaSessions(as_client(fake), fast(journal_dir=journal / "journal", **opts))
-        self.restore: dict[str, Any] = {}
-
-        @self.guard.on_session_start
-        async def restore(gs: GuardSession) -> None:  # what the guard does when it adopts a saved session
-            gs.shared.update(self.restore)
-
         self.letta.install(self.guard, agent_id_for=lambda s: agent)
         self.guard.attach()
+
+    async def saved(self, shared: dict[str, Any], history: llm.ChatContext | None = None) -> None:
+        """A session of alice saved by a process that is gone."""
+        chat = history or llm.ChatContext.empty()
+        await self.store.save(ResumeState.of("room-1", "alice", "session-elsewhere", chat, shared=shared))
 
     def session(self, identity: str = "alice") -> GuardSession:
         gs = self.guard.get(identity)
@@ -76,8 +82,9 @@ async def ask(letta: LettaSessions, gs: GuardSession, history: llm.ChatContext, 
 @pytest.fixture
 async def procs(fake: FakeLetta, tmp_path: Path) -> AsyncIterator[tuple[Process, Process, str]]:
     agent = fake.add_agent()
-    a = Process(fake, agent, tmp_path, "a")
-    b = Process(fake, agent, tmp_path, "b")
+    store = MemoryResumeStore()
+    a = Process(fake, agent, tmp_path, "a", store)
+    b = Process(fake, agent, tmp_path, "b", store)
     yield a, b, agent
     await a.close()
     await b.close()
@@ -96,14 +103,15 @@ async def test_the_conversation_is_named_in_shared_and_adopted_by_another_proces
     history = llm.ChatContext.empty()
     assert await ask(a.letta, a.session(), history, "one") == "You said: one. (turn 1)"
 
+    await a.session().save_resume_state(history)
     a.session().end(EndReason.MOVED)  # the session moves: not retired, the journal entry let go
     await settle(a.guard)
     assert conv.conversation_id in fake.convs and a.letta.stats.conversations_retired == 0
 
     creates = fake.count("conversations.create")
-    b.restore = {SHARED_KEY: dict(shared)}
-    b.room.add("alice")
+    b.room.add("alice")  # the guard adopts the saved session: its resume hooks run
     await settle(b.guard)
+    assert b.session().adopted and not b.session().fresh
     adopted = b.letta.conversation(b.session())
     assert adopted.conversation_id == conv.conversation_id and adopted.adopted
     assert adopted.journal is not None and adopted.journal.held, "the adopter holds the journal entry"
@@ -123,7 +131,7 @@ async def test_an_adopted_conversation_letta_no_longer_has_is_replaced_with_a_cl
     fake: FakeLetta, procs: tuple[Process, Process, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     _a, b, agent = procs
-    b.restore = {SHARED_KEY: {"agent_id": agent, "conversation_id": "conv-deleted"}}
+    await b.saved({SHARED_KEY: {"agent_id": agent, "conversation_id": "conv-deleted"}})
     b.room.add("alice")
     await settle(b.guard)
     history = llm.ChatContext.empty()
@@ -138,7 +146,7 @@ async def test_malformed_shared_state_gets_a_new_conversation(
     fake: FakeLetta, procs: tuple[Process, Process, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     _a, b, _agent = procs
-    b.restore = {SHARED_KEY: {"conversation_id": 42}}
+    await b.saved({SHARED_KEY: {"conversation_id": 42}})
     b.room.add("alice")
     await settle(b.guard)
     conv = b.letta.conversation(b.session())
@@ -233,7 +241,7 @@ async def test_a_run_still_answering_is_waited_for(fake: FakeLetta, procs: tuple
 
 async def test_a_run_past_the_bound_is_cancelled_and_the_turn_is_unanswered(fake: FakeLetta, tmp_path: Path) -> None:
     agent = fake.add_agent()
-    p = Process(fake, agent, tmp_path, "c", recover_timeout=0.1)
+    p = Process(fake, agent, tmp_path, "c", MemoryResumeStore(), recover_timeout=0.1)
     try:
         gs = await started(p)
         conv = p.letta.conversation(gs)
@@ -291,7 +299,7 @@ async def test_an_adopted_conversation_with_no_message_yet_is_used_as_it_is(
 ) -> None:
     _a, b, agent = procs
     conv_id = (await fake.conversations.create(agent_id=agent)).id
-    b.restore = {SHARED_KEY: {"agent_id": agent, "conversation_id": conv_id}}
+    await b.saved({SHARED_KEY: {"conversation_id": conv_id}})  # no agent id: the room's agent
     b.room.add("alice")
     await settle(b.guard)
     fake.fail_next["conversations.recompile"] = [400]  # Letta: "no message yet", like 0.16.8

@@ -217,6 +217,8 @@ class LettaSessions:
         named = _shared_conversation(gs)
         if named is not None:
             agent_id, conversation_id = named
+            if agent_id is None:
+                agent_id = await self._agent_id(gs)
             conv = LettaConversation(
                 self._backend,
                 agent_id,
@@ -238,12 +240,9 @@ class LettaSessions:
             if self._journal is not None:
                 conv.journal = await self._journal.adopt(self._entry(conv))
             return conv
-        assert self._agent_id_for is not None
-        got = self._agent_id_for(gs)
-        agent_id = await got if inspect.isawaitable(got) else got
         conv = LettaConversation(
             self._backend,
-            str(agent_id),
+            await self._agent_id(gs),
             scope=gs.scope,
             room=gs.room_name,
             identity=gs.identity,
@@ -280,6 +279,11 @@ class LettaSessions:
         # Any other end (or a move before the conversation existed: the new owner cannot know one being created)
         await self._retirements.retire(conv, reason=reason.value)
 
+    async def _agent_id(self, gs: GuardSession) -> str:
+        assert self._agent_id_for is not None
+        got = self._agent_id_for(gs)
+        return str(await got if inspect.isawaitable(got) else got)
+
     def _entry(self, conv: LettaConversation) -> JournalEntry:
         assert conv.conversation_id is not None
         return JournalEntry(
@@ -295,6 +299,7 @@ class LettaSessions:
     async def _on_created(self, conv: LettaConversation, gs: GuardSession) -> None:
         if conv.conversation_id is not None:
             gs.shared[SHARED_KEY] = {"agent_id": conv.agent_id, "conversation_id": conv.conversation_id}
+            gs.save_soon()  # saved with the session now, not only at its next turn: a crash meanwhile keeps it
         if self._journal is not None and conv.conversation_id is not None:
             conv.journal = await self._journal.record(self._entry(conv))
         if conv.retired:
@@ -440,16 +445,16 @@ class LettaSessions:
         )
 
 
-def _shared_conversation(gs: GuardSession) -> tuple[str, str] | None:
-    """(agent id, conversation id) that `gs.shared` names, if well-formed (anything else is logged and ignored:
-    the session then gets a new conversation)."""
+def _shared_conversation(gs: GuardSession) -> tuple[str | None, str] | None:
+    """(agent id or None, conversation id) that `gs.shared` names, if well-formed (anything else is logged and
+    ignored: the session then gets a new conversation)."""
     data = gs.shared.get(SHARED_KEY)
     if data is None:
         return None
     agent_id = data.get("agent_id") if isinstance(data, dict) else None
     conversation_id = data.get("conversation_id") if isinstance(data, dict) else None
-    if isinstance(agent_id, str) and agent_id and isinstance(conversation_id, str) and conversation_id:
-        return agent_id, conversation_id
+    if isinstance(conversation_id, str) and conversation_id and (agent_id is None or isinstance(agent_id, str)):
+        return agent_id or None, conversation_id
     lf.warning("ignoring malformed shared Letta state: a new conversation", identity=gs.identity, shared=repr(data))
     return None
 
