@@ -243,7 +243,9 @@ async def test_single_worker_killed_and_restarted_resumes(
 ) -> None:
     """One worker only, SIGKILLed and started again within the reconnect window: the sessions resume in their
     rooms (the new worker's watcher re-dispatches them)."""
-    a = await asyncio.to_thread(workers.start, "single-a")
+    # a window that outlasts a worker restart on this busy 2-core machine (the tests' default is 10 s)
+    window = {"SG_RECONNECT_WINDOW": "60"}
+    a = await asyncio.to_thread(workers.start, "single-a", extra_env=window)
     humans = [Human(a.info, letta_agent_id=letta_agent) for _ in range(2)]
     keys = Keys(workers.agent_name)
     try:
@@ -254,7 +256,7 @@ async def test_single_worker_killed_and_restarted_resumes(
         held = await owners(redis, keys, humans)
         t0 = time.monotonic()
         await asyncio.to_thread(kill_worker, a)
-        await asyncio.to_thread(workers.start, "single-b")
+        await asyncio.to_thread(workers.start, "single-b", extra_env=window)
         cost["worker_restart_s"] = time.monotonic() - t0
 
         async def all_owned() -> bool:
