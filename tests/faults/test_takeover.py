@@ -75,6 +75,24 @@ async def one_reply_each(humans: list[Human], text: str, settle: float = 2.0) ->
     return list(replies)
 
 
+async def wait_warm(w: FaultWorker, n: int, timeout: float = 120.0) -> None:
+    """Until the worker has `n` job processes started and idle (warmed up: their CPU time stopped growing)."""
+    import psutil
+
+    proc = psutil.Process(w.proc.proc.pid)
+    last: dict[int, float] = {}
+    calm = 0
+    async with asyncio.timeout(timeout):
+        while calm < 3:
+            # job processes are the forkserver's children (livekit-agents' multiprocessing context on Linux)
+            children = [g for c in proc.children() for g in c.children() if g.is_running()]
+            cpu = {c.pid: sum(c.cpu_times()[:2]) for c in children}
+            settled = len(children) >= n and all(abs(cpu[p] - last.get(p, -1.0)) < 0.05 for p in cpu)
+            calm = calm + 1 if settled else 0
+            last = cpu
+            await asyncio.sleep(0.5)
+
+
 def kill_worker(w: FaultWorker) -> None:
     """SIGKILL the worker and every job process of it (its process group): a lost machine, an OOM kill."""
     os.killpg(w.proc.proc.pid, signal.SIGKILL)
@@ -97,7 +115,8 @@ async def test_worker_sigkill_rooms_taken_over(
         assert all(turn(r) == 1 for r in first), first
         held = await owners(redis, keys, humans)
         assert all(held.values()), f"every room has an owner in the store: {held}"
-        b = await asyncio.to_thread(workers.start, "takeover-b")
+        b = await asyncio.to_thread(workers.start, "takeover-b", extra_env={"SG_IDLE_PROCESSES": str(len(humans))})
+        await wait_warm(b, len(humans))
         old_agents = {h.room_name: agent.identity for h in humans if (agent := h.agent()) is not None}
 
         t0 = time.monotonic()
@@ -152,7 +171,10 @@ async def test_rolling_restart_hands_sessions_over(
         assert all(turn(r) == 1 for r in first), first
         held = await owners(redis, keys, humans)
         assert all(held.values()), held
-        await asyncio.to_thread(workers.start, "rolling-b")
+        # B stands by with warm job processes for the rooms it takes over (SG_IDLE_PROCESSES): starting ten job
+        # processes at once on a 2-core machine takes longer than the reconnect window (docs/operations.md).
+        b = await asyncio.to_thread(workers.start, "rolling-b", extra_env={"SG_IDLE_PROCESSES": str(n)})
+        await wait_warm(b, n)
 
         t0 = time.monotonic()
         a.proc.proc.send_signal(signal.SIGTERM)
