@@ -211,9 +211,12 @@ async def entrypoint(ctx: JobContext) -> None:
             return
         # A resume (here or, after a crash or a deploy, in another process): a user turn the previous connection
         # left without a reply is answered once, from what Letta has, or the agent asks the user to repeat it.
+        # In the connection's scope, not awaited: a Letta run still in flight may take longer than the hook bound.
         saved = await gs.resume_state()
         if saved is not None:
-            await letta.finish_interrupted_turn(gs, agent_session, saved.chat_ctx())
+            gs.connection.scope.spawn(
+                letta.finish_interrupted_turn(gs, agent_session, saved.chat_ctx()), name="finish_interrupted_turn"
+            )
 
     await guard.serve(ctx, connection)
     logger.info(

@@ -244,7 +244,7 @@ async def test_single_worker_killed_and_restarted_resumes(
     """One worker only, SIGKILLed and started again within the reconnect window: the sessions resume in their
     rooms (the new worker's watcher re-dispatches them)."""
     # a window that outlasts a worker restart on this busy 2-core machine (the tests' default is 10 s)
-    window = {"SG_RECONNECT_WINDOW": "60"}
+    window: dict[str, str | None] = {"SG_RECONNECT_WINDOW": "60"}
     a = await asyncio.to_thread(workers.start, "single-a", extra_env=window)
     humans = [Human(a.info, letta_agent_id=letta_agent) for _ in range(2)]
     keys = Keys(workers.agent_name)
