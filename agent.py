@@ -28,7 +28,9 @@ from livekit.plugins import letta as letta_plugin
 from livekit.plugins import session_guard as sg
 from livekit.plugins.letta.guard import LettaSessions
 from livekit.plugins.letta.options import agent_id_from_metadata
+from livekit.plugins.letta.redis_journal import RedisJournal
 from livekit.plugins.session_guard.cluster.options import ClusterOptions
+from livekit.plugins.session_guard.cluster.watcher import WatcherOptions
 from livekit.plugins.session_guard.server import MachineCapacity, SessionGuardServer
 from livekit.plugins.session_guard.state_dir import STATE_DIR_ENV
 
@@ -56,6 +58,23 @@ def letta_options() -> letta_plugin.LettaOptions:
     journal = SETTINGS.letta_journal_dir
     return letta_plugin.LettaOptions(
         journal_dir=None if journal is None else str(journal), end_summary=SETTINGS.letta_end_summary
+    )
+
+
+CLUSTER = ClusterOptions(redis_url=SETTINGS.redis_url) if SETTINGS.redis_url else None
+
+
+def letta_journal(ctx: JobContext) -> RedisJournal | None:
+    """With Redis, the retirement journal lives there: a worker on any machine retires what a dead one left, and an
+    entry is an orphan only once no job could still adopt its session (the reconnect window plus the lease ttl).
+    Without it, the file journal of `letta_options()`."""
+    if CLUSTER is None:
+        return None
+    return RedisJournal.from_url(
+        CLUSTER.redis_url,
+        prefix=f"sg:{ctx.job.agent_name or 'default'}:letta",
+        ttl=CLUSTER.lease_ttl,
+        grace=SETTINGS.reconnect_window + CLUSTER.lease_ttl,
     )
 
 
@@ -104,6 +123,14 @@ server = SessionGuardServer(
     capacity_hint="SG_MAX_JOBS (auto or a number of rooms)",
     # The local models load in ~2 s alone, several times that on a busy 2-core box (default limit: 10 s).
     initialize_process_timeout=60.0 if SETTINGS.provider == "local" else 10.0,
+    # The session store (SG_REDIS_URL; unset: the cluster is off). Every worker watches for rooms to re-dispatch (one
+    # lock holder does it) and hands its rooms to another worker when it drains: docs/operations.md.
+    redis_url=SETTINGS.redis_url,
+    watcher=WatcherOptions(
+        interval=SETTINGS.watcher_interval,
+        dispatch_grace=SETTINGS.dispatch_grace,
+        handoff_wait=SETTINGS.handoff_wait,
+    ),
 )
 
 
@@ -146,7 +173,7 @@ async def entrypoint(ctx: JobContext) -> None:
     """What this app adds to the guard: which Letta agent serves the room, and which voice providers."""
     client = make_client(SETTINGS.letta_base_url, SETTINGS.letta_api_key)
     metrics: JobMetrics = ctx.proc.userdata.get(METRICS_KEY) or JobMetrics()
-    letta = LettaSessions(client, letta_options(), metrics=metrics.letta)
+    letta = LettaSessions(client, letta_options(), metrics=metrics.letta, journal=letta_journal(ctx))
 
     async def close_letta(_: str) -> None:
         await letta.aclose()  # waits for the sessions' end hooks, then the last attempt at pending retirements
@@ -163,7 +190,7 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.add_shutdown_callback(voice.aclose)
     options = sg.SessionGuardOptions(
         # Redis: the session belongs to the deployment (takeover after a crash, handoff on a deploy)
-        cluster=ClusterOptions(redis_url=SETTINGS.redis_url) if SETTINGS.redis_url else None,
+        cluster=CLUSTER,
         reconnect_window=SETTINGS.reconnect_window,
         no_show_timeout=SETTINGS.no_show_timeout,
         # Five failed Letta turns in a row end the session. Not the AgentSession's own breaker alone: it resets its
@@ -178,8 +205,18 @@ async def entrypoint(ctx: JobContext) -> None:
         agent_session = make_agent_session(voice, letta.llm_for(gs))
         letta.bind_agent_session(gs, agent_session)  # a spoken apology when Letta fails
         await gs.start(agent_session, VoiceAgent(), record=False)
-        if gs.fresh and SETTINGS.greeting:
-            agent_session.say(SETTINGS.greeting, allow_interruptions=True, add_to_chat_ctx=True)
+        if gs.fresh:
+            if SETTINGS.greeting:
+                agent_session.say(SETTINGS.greeting, allow_interruptions=True, add_to_chat_ctx=True)
+            return
+        # A resume (here or, after a crash or a deploy, in another process): a user turn the previous connection
+        # left without a reply is answered once, from what Letta has, or the agent asks the user to repeat it.
+        # In the connection's scope, not awaited: a Letta run still in flight may take longer than the hook bound.
+        saved = await gs.resume_state()
+        if saved is not None:
+            gs.connection.scope.spawn(
+                letta.finish_interrupted_turn(gs, agent_session, saved.chat_ctx()), name="finish_interrupted_turn"
+            )
 
     await guard.serve(ctx, connection)
     logger.info(

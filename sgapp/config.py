@@ -47,6 +47,7 @@ LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"]
 
 _URL_SCHEMES_LIVEKIT = ("ws", "wss", "http", "https")
 _URL_SCHEMES_HTTP = ("http", "https")
+_URL_SCHEMES_REDIS = ("redis", "rediss", "unix")
 _OFF = ("", "0", "off", "no", "false", "none")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -232,12 +233,6 @@ class Settings(_EnvModel):
         section="Worker",
         ge=0.0,
     )
-    redis_url: str | None = env(
-        "SG_REDIS_URL",
-        None,
-        "Redis for sessions that outlive their process (saved sessions, one owner per room, takeover after a crash, "
-        "handoff on a deploy). Unset: sessions live and die with their job process.",
-    )
     greeting: str = env("SG_GREETING", "Hello! I'm listening. What can I do for you?", "What the agent says first.")
     load_threshold: float | None = env(
         "SG_LOAD_THRESHOLD",
@@ -297,6 +292,46 @@ class Settings(_EnvModel):
         "SG_WEB_PORT", 9000, "The page and token server's port (web/server.py; --port overrides).", ge=1, le=65535
     )
 
+    # --- Cluster -------------------------------------------------------------------------------------------------
+    redis_url: str | None = env(
+        "SG_REDIS_URL",
+        None,
+        "The session store shared by every worker of the deployment (redis:// or rediss://; a password goes in the "
+        "URL). With it, sessions outlive their process: a worker that crashes or is deployed hands its rooms to "
+        "another (docs/operations.md). Unset, empty or off: the cluster is off and sessions live in their job process "
+        "only, as without Redis. scripts/stack env prints the local stack's.",
+        example="redis://127.0.0.1:6379",
+        section="Cluster (sessions that outlive their process)",
+        secret=True,
+    )
+    watcher_interval: float = env(
+        "SG_WATCHER_INTERVAL",
+        0.5,
+        "Seconds between the re-dispatch watcher's scans of the store for rooms whose owner is gone (one Redis round "
+        "trip per scan; LiveKit is asked only about rooms without an owner). The LiveKit room list is read every 4 "
+        "scans, for dispatches livekit-server dropped and rejoins without a dispatch. At most 1 s: the duty's lock "
+        "(3 s ttl) is renewed at each scan.",
+        ge=0.1,
+        le=1.0,
+    )
+    dispatch_grace: float = env(
+        "SG_DISPATCH_GRACE",
+        10.0,
+        "Seconds a dispatch may be without a job before the watcher calls it dropped (livekit-server drops a dispatch "
+        "made while no worker is registered) and dispatches the room again. livekit-server lists a served dispatch's "
+        "job ~5 s after its agent joined: keep it above that.",
+        ge=0.5,
+        le=300.0,
+    )
+    handoff_wait: float = env(
+        "SG_HANDOFF_WAIT",
+        3.0,
+        "On SIGTERM: seconds the worker waits for another worker to take its rooms over before its bounded drain "
+        "goes on as without a cluster (0: no handoff).",
+        ge=0.0,
+        le=60.0,
+    )
+
     @field_validator("provider", "log_level", mode="before")
     @classmethod
     def _case(cls, v: Any, info: Any) -> Any:
@@ -341,21 +376,16 @@ class Settings(_EnvModel):
             raise ValueError("use 'auto', 'cpu' or a number of jobs from 1 to 100000")
         return int(raw)
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, v: Any) -> Any:
+        v = _off_to_none(v)
+        return _url(v, _URL_SCHEMES_REDIS)
+
     @field_validator("metrics_port", mode="before")
     @classmethod
     def _metrics_off(cls, v: Any) -> Any:
         return _off_to_none(v)
-
-    @field_validator("redis_url", mode="before")
-    @classmethod
-    def _redis_url(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.strip()
-            if not v:
-                return None
-            if not v.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {v!r}")
-        return v
 
     @field_validator("letta_journal_dir", mode="before")
     @classmethod

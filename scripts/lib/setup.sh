@@ -28,7 +28,8 @@ SUPERVISOR_VERSION=4.3.0
 # The local model server (localmodels/): llama-cpp-python is source-only on PyPI; its wheel is built once and cached.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 # chromium: the browser tests (tests/e2e) drive Debian's Chromium with Playwright; never `playwright install`.
-# redis-server: LiveKit's distributed mode (`scripts/stack up --nodes 2`, tests/faults); started by scripts/stack.
+# redis-server: the session store in every profile (SG_REDIS_URL) and LiveKit's bus with `--nodes 2`; started by
+# scripts/stack.
 # cmake, g++: llama-cpp-python (the local model server) is compiled once from its sdist.
 APT_PACKAGES=(espeak-ng sox chromium redis-server cmake g++ caddy)
 

@@ -5,8 +5,10 @@
   the suite kills and stops workers, so it never touches the shared `worker` fixture of tests/integration.
 - `stack_ctl`: stop/start one service of the test stack (`scripts/stack --profile test stop|start`), always
   restarted and healthy again when the test ends.
-- `two_nodes`: LiveKit's distributed mode (`scripts/stack up --nodes 2`: Redis + a second livekit-server node).
+- `two_nodes`: LiveKit's distributed mode (`scripts/stack up --nodes 2`: both nodes on the stack's Redis).
   If the stack runs one node, node 1 is restarted with Redis for this module and back without it afterwards.
+- Every worker gets the stack's `SG_REDIS_URL` (the session store) from `start_worker`; `Workers.start(...,
+  extra_env={"SG_REDIS_URL": None})` starts one without the cluster.
 - `cost`: what a fault cost (seconds to recover, sessions lost, data lost), printed and appended to
   <stack>/logs/fault-costs.jsonl for docs/faults.md.
 """
@@ -120,11 +122,12 @@ class Workers:
         self.started: list[FaultWorker] = []
 
     def start(
-        self, name: str, *, livekit_url: str | None = None, extra_env: dict[str, str] | None = None
+        self, name: str, *, livekit_url: str | None = None, extra_env: dict[str, str | None] | None = None
     ) -> FaultWorker:
         """A worker of this test (all share the test's agent name, so they form one pool); blocking."""
-        env = {
+        env: dict[str, str | None] = {
             "AGENT_NAME": self.agent_name,
+            "SG_REDIS_URL": self.stack.redis_url,
             "SG_LETTA_JOURNAL_DIR": str(self.tmp / "letta-journal"),
             "SG_DRAIN_TIMEOUT": "2",
             **({"LIVEKIT_URL": livekit_url} if livekit_url else {}),
@@ -180,7 +183,7 @@ def two_nodes(stack: Stack) -> Iterator[TwoNodes]:
             if status.get(service, {}).get("health") != "healthy":
                 run_stack("start", service)
         if switched:
-            for service in ("livekit2", "livekit", "redis"):
+            for service in ("livekit2", "livekit"):  # Redis stays: it is the session store in every profile
                 run_stack("stop", service)
             run_stack("up", "--nodes", "1")
 

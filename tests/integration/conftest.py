@@ -70,6 +70,11 @@ class Stack:
         return self.env["SG_TEST_PROVIDER_URL"]
 
     @property
+    def redis_url(self) -> str:
+        """The test stack's Redis (the session store every worker started here is given)."""
+        return self.env["SG_REDIS_URL"]
+
+    @property
     def logs(self) -> Path:
         return Path(self.env["SG_STACK_DIR"]) / "logs"
 

@@ -48,7 +48,7 @@ PORT_KEYS = (
     "LIVEKIT2_TCP",
     "LIVEKIT2_UDP",
 )
-APPS = ("postgres", "provider", "letta", "livekit", "worker", "web")
+APPS = ("postgres", "provider", "letta", "redis", "livekit", "worker", "web")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -62,6 +62,8 @@ class Human:
     room_name: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
     identity: str = field(default_factory=lambda: f"human-{uuid.uuid4().hex[:8]}")
     letta_agent_id: str | None = None
+    dispatch: bool = True
+    """False: the token carries no dispatch (a client that rejoins a room name with a plain token)."""
 
     def __post_init__(self) -> None:
         self.room = rtc.Room()
@@ -71,7 +73,13 @@ class Human:
     async def join(self, timeout: float = 15.0) -> None:
         self.room = rtc.Room()
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
-        token = make_token(self.stack, room=self.room_name, identity=self.identity, letta_agent_id=self.letta_agent_id)
+        token = make_token(
+            self.stack,
+            room=self.room_name,
+            identity=self.identity,
+            letta_agent_id=self.letta_agent_id,
+            dispatch=self.dispatch,
+        )
         await asyncio.wait_for(self.room.connect(self.stack.livekit_url, token), timeout)
 
     def _on_transcription(self, reader: rtc.TextStreamReader, sender: str) -> None:

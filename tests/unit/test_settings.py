@@ -118,6 +118,11 @@ def test_an_empty_value_means_unset() -> None:
         ({"SG_LOG_LEVEL": "loud"}, "SG_LOG_LEVEL='LOUD': use 'TRACE', 'DEBUG', 'INFO', 'WARN', 'ERROR' or 'CRITICAL'"),
         ({"OFFLINE_MODEL_THREADS": "many"}, "OFFLINE_MODEL_THREADS='many' is not an integer"),
         ({"SG_WEB_PORT": "0"}, "SG_WEB_PORT='0' must be between 1 and 65535"),
+        ({"SG_REDIS_URL": "127.0.0.1:6379"}, "SG_REDIS_URL=<hidden>: must start with one of redis://, rediss://"),
+        ({"SG_WATCHER_INTERVAL": "0"}, "SG_WATCHER_INTERVAL='0' must be between 0.1 and 1"),
+        ({"SG_WATCHER_INTERVAL": "fast"}, "SG_WATCHER_INTERVAL='fast' is not a number"),
+        ({"SG_DISPATCH_GRACE": "0.1"}, "SG_DISPATCH_GRACE='0.1' must be between 0.5 and 300"),
+        ({"SG_HANDOFF_WAIT": "-1"}, "SG_HANDOFF_WAIT='-1' must be between 0 and 60"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
@@ -147,6 +152,27 @@ def test_a_secret_is_never_echoed() -> None:
 def test_metrics_port_is_off_unless_set(raw: str | None, port: int | None) -> None:
     env = {**BASE} if raw is None else {**BASE, "SG_METRICS_PORT": raw}
     assert load_settings(env).metrics_port == port
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        (None, None),
+        ("", None),
+        ("off", None),
+        ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379"),
+        ("rediss://:pw@redis.example:6380/2", "rediss://:pw@redis.example:6380/2"),
+    ],
+)
+def test_the_cluster_is_off_without_a_redis_url(raw: str | None, url: str | None) -> None:
+    s = load_settings(BASE if raw is None else {**BASE, "SG_REDIS_URL": raw})
+    assert s.redis_url == url
+    assert (s.watcher_interval, s.dispatch_grace, s.handoff_wait) == (0.5, 10.0, 3.0)
+
+
+def test_a_redis_password_is_never_echoed() -> None:
+    s = load_settings({**BASE, "SG_REDIS_URL": "redis://:hunter2-password@127.0.0.1:6379"})
+    assert "hunter2-password" not in repr(s)
 
 
 # ------------------------------------------------------------------------------------------------ .env and os.environ

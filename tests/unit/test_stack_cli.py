@@ -135,6 +135,35 @@ def test_two_nodes_is_refused_while_a_single_node_runs(profile_env: dict[str, st
     assert not (run_dir / "nodes").exists()
 
 
+def test_redis_runs_in_every_profile_and_one_node_does_not_use_it(
+    profile_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_url = f"redis://127.0.0.1:{profile_env['SG_TEST_REDIS_PORT']}"
+    r = run(profile_env, "status", "--json")
+    rows = {row["service"]: row for row in json.loads(r.stdout)["services"]}
+    assert "redis" in rows and "livekit2" not in rows
+    assert rows["redis"]["url"] == redis_url
+    r = run(profile_env, "env")
+    assert f"SG_REDIS_URL='{redis_url}'" in r.stdout, "the workers' session store is in the profile's env"
+    assert "SG_LIVEKIT2_URL" not in r.stdout
+
+    # the single livekit-server node is not on Redis: a Redis fault then breaks the store, not LiveKit
+    from tests.unit.test_settings import _scripts_stack
+
+    stack = _scripts_stack(monkeypatch)
+    for k, v in profile_env.items():
+        monkeypatch.setenv(k, v)
+    cfg = stack.load_config("test")
+    assert [s.name for s in stack.stack_services(cfg) if s.name in ("redis", "livekit", "livekit2")] == [
+        "redis",
+        "livekit",
+    ]
+    assert "--redis-host" not in stack.livekit_argv(cfg, "livekit")
+    (cfg.run).mkdir(parents=True)
+    (cfg.run / "nodes").write_text("2\n")
+    assert "--redis-host" in stack.livekit_argv(cfg, "livekit")
+
+
 def test_two_node_mode_has_redis_and_a_second_node(profile_env: dict[str, str]) -> None:
     r = run(profile_env, "stop", "livekit2")
     assert r.returncode == 2 and "unknown service 'livekit2'" in r.stderr  # one node: there is no second

@@ -62,6 +62,8 @@ class Conv:
     messages: list[tuple[str, str]] = field(default_factory=list)
     compiled: dict[str, str] = field(default_factory=dict)
     """The block values its system prompt shows (snapshot)."""
+    otids: dict[int, str] = field(default_factory=dict)
+    """Index in `messages` of a user message → the otid it was sent with."""
 
 
 class FakeStream:
@@ -129,6 +131,7 @@ class FakeLetta:
         """The next run fails after its first words with an SSE `event: error` (the SDK raises a status error with
         the stream's status, 200), like a run whose model provider gave up."""
         self.overlaps = 0
+        self.otids_sent: list[str | None] = []
         self.max_retries_seen: list[int] = []
         self._tails: set[asyncio.TimerHandle] = set()
         self.agents = SimpleNamespace(
@@ -147,7 +150,7 @@ class FakeLetta:
             cancel=self._conv_cancel,
             messages=SimpleNamespace(create=self._conv_message, list=self._conv_messages_list),
         )
-        self.runs = SimpleNamespace(retrieve=self._run_retrieve)
+        self.runs = SimpleNamespace(retrieve=self._run_retrieve, list=self._runs_list)
 
     # -- the client surface
 
@@ -254,10 +257,11 @@ class FakeLetta:
         return {r.id: "cancelled" for r in active}
 
     async def _agent_messages_create(self, agent_id: str, **kw: Any) -> FakeStream:
-        await self._enter("agents.messages.create", "POST", f"/v1/agents/{agent_id}/messages", agent_id, kw["input"])
+        text, _otid = _input(kw)
+        await self._enter("agents.messages.create", "POST", f"/v1/agents/{agent_id}/messages", agent_id, text)
         self._agent(agent_id, "POST", "/v1/agents/x/messages")
         history = self.agent_history[agent_id]
-        return self._run(agent_id, None, history, self._blocks(agent_id), kw["input"])
+        return self._run(agent_id, None, history, self._blocks(agent_id), text)
 
     async def _passages_create(
         self, agent_id: str, *, text: str, tags: Any = None, timeout: float | None = None
@@ -312,17 +316,32 @@ class FakeLetta:
         return {r.id: "cancelled" for r in active}
 
     async def _conv_message(self, conv_id: str, **kw: Any) -> FakeStream:
+        text, otid = _input(kw)
         await self._enter(
-            "conversations.messages.create", "POST", f"/v1/conversations/{conv_id}/messages", conv_id, kw["input"]
+            "conversations.messages.create", "POST", f"/v1/conversations/{conv_id}/messages", conv_id, text
         )
         conv = self._conv(conv_id, "POST", "/v1/conversations/x/messages")
-        return self._run(conv.agent_id, conv_id, conv.messages, conv.compiled, kw["input"])
+        self.otids_sent.append(otid)
+        return self._run(conv.agent_id, conv_id, conv.messages, conv.compiled, text, conv.otids, otid)
 
     async def _conv_messages_list(self, conv_id: str, **kw: Any) -> Any:
         await self._enter("conversations.messages.list", "GET", f"/v1/conversations/{conv_id}/messages", conv_id)
         conv = self._conv(conv_id, "GET", "/v1/conversations/x/messages")
         kinds = {"user": "user_message", "assistant": "assistant_message"}
-        return SimpleNamespace(items=[SimpleNamespace(message_type=kinds[r], content=t) for r, t in conv.messages])
+        items = [
+            SimpleNamespace(message_type=kinds[r], content=t, otid=conv.otids.get(i))
+            for i, (r, t) in enumerate(conv.messages)
+        ]
+        if kw.get("order") == "desc":
+            items.reverse()
+        return SimpleNamespace(items=items[: kw.get("limit") or None])
+
+    async def _runs_list(self, *, conversation_id: str, active: bool = False, **kw: Any) -> Any:
+        await self._enter("runs.list", "GET", "/v1/runs/", conversation_id)
+        runs = [r for r in self.run_db.values() if r.conversation_id == conversation_id]
+        if active:
+            runs = [r for r in runs if r.status == "running"]
+        return SimpleNamespace(items=[SimpleNamespace(id=r.id, status=r.status) for r in runs])
 
     async def _run_retrieve(self, run_id: str, timeout: float | None = None) -> Any:
         await self._enter("runs.retrieve", "GET", f"/v1/runs/{run_id}", run_id)
@@ -340,6 +359,8 @@ class FakeLetta:
         history: list[tuple[str, str]],
         shown_blocks: dict[str, str],
         text: str,
+        otids: dict[int, str] | None = None,
+        otid: str | None = None,
     ) -> FakeStream:
         busy = [r for r in self.run_db.values() if r.conversation_id == conv_id and r.agent_id == agent_id]
         if any(r.status == "running" for r in busy):
@@ -396,9 +417,20 @@ class FakeLetta:
             if run.status != "running":
                 return
             run.status, run.stop_reason = "completed", "end_turn"
+            if otids is not None and otid is not None:
+                otids[len(history)] = otid
             history.extend(after_tool)
 
         return FakeStream(self, run, events, finish)
+
+
+def _input(kw: dict[str, Any]) -> tuple[str, str | None]:
+    """The user's text and otid of a message request (`input=` or `messages=[...]`)."""
+    if "input" in kw:
+        return str(kw["input"]), None
+    (msg,) = kw["messages"]
+    assert msg["role"] == "user"
+    return str(msg["content"]), msg.get("otid")
 
 
 def _find(thing: str, text: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from livekit.plugins.letta._scope import TaskScope
 from livekit.plugins.letta.conversation import LettaConversation
-from livekit.plugins.letta.journal import FileJournal, JournalEntry, RetirementJournal
+from livekit.plugins.letta.journal import FileJournal, JournalEntry, JournalHandle, RetirementJournal
 from livekit.plugins.letta.retire import Retirements, summarize_messages
 
 from tests.unit.letta.conftest import make_backend
@@ -215,3 +215,39 @@ async def test_retire_keeps_to_its_budget_when_letta_hangs(fake: FakeLetta, scop
     await wait_until(lambda: not r.pending, timeout=6)
     assert fake.convs == {}
     await r.aclose(0.5)
+
+
+class ScanningJournal(FileJournal):
+    """A file journal that asks to be scanned for orphans every 50 ms (as a shared one does), counting the scans."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.scans = 0
+
+    @property
+    def orphan_scan_interval(self) -> float | None:
+        return 0.05
+
+    async def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
+        self.scans += 1
+        return await super().claim_orphans(letta_url)
+
+
+async def test_a_shared_journal_is_scanned_again_while_the_job_lives(
+    fake: FakeLetta, scope: TaskScope, tmp_path: Path
+) -> None:
+    agent = fake.add_agent()
+    journal = ScanningJournal(tmp_path)
+    retirements = Retirements(make_backend(fake, scope), journal)
+    retirements.start()
+    await wait_until(lambda: journal.scans >= 1)
+    # an entry that becomes an orphan later (its process died after this job started) is retired without a restart
+    conv_id = (await fake.conversations.create(agent_id=agent)).id
+    handle = await FileJournal(tmp_path).record(
+        JournalEntry(letta_url=str(fake.base_url), agent_id=agent, conversation_id=conv_id)
+    )
+    assert handle is not None
+    await handle.release()
+    await wait_until(lambda: conv_id not in fake.convs)
+    assert journal.scans >= 2
+    await retirements.aclose(0.5)

@@ -13,7 +13,7 @@ import pytest
 from livekit.agents import llm
 from livekit.plugins.session_guard.cluster.keys import Keys, ResumeIntent
 from livekit.plugins.session_guard.cluster.options import ClusterOptions
-from livekit.plugins.session_guard.cluster.ownership import Change, RoomOwnership
+from livekit.plugins.session_guard.cluster.ownership import Change, RoomOwnership, owner_client_name
 from livekit.plugins.session_guard.resume import ResumeState
 from redis.asyncio import Redis
 
@@ -287,3 +287,26 @@ async def test_ended_room_leaves_no_sessions_but_stays_known(server: RedisServer
     assert await redis.zscore(k.rooms, ROOM) is None
     assert await redis.zscore(k.known, ROOM) is not None
     assert await redis.get(k.lease(ROOM)) is None
+
+
+async def test_a_live_owner_is_visible_by_its_client_name(server: RedisServer, redis: Redis) -> None:
+    """While an owner lives, a connection named after its job is open (its handoff listener); when the job's
+    process is gone, so is the name: the watcher's early sign of a dead owner."""
+    a = job(server, "job-a")
+
+    async def names() -> set[str]:
+        clients = await redis.client_list()
+        return {str(c.get("name", "")) for c in clients}
+
+    try:
+        assert await a.claim(ResumeIntent())
+        runner = asyncio.create_task(a.run())
+        async with asyncio.timeout(3):
+            while owner_client_name("job-a") not in await names():
+                await asyncio.sleep(0.05)
+        runner.cancel()
+    finally:
+        await a.finish(parked=True)
+    async with asyncio.timeout(3):
+        while owner_client_name("job-a") in await names():
+            await asyncio.sleep(0.05)

@@ -22,8 +22,9 @@ guarded voice session's own).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
@@ -174,10 +175,13 @@ class LettaConversation:
         room: str = "",
         identity: str = "",
         on_created: Callable[[LettaConversation], Awaitable[None]] | None = None,
+        adopted: bool = False,
     ) -> None:
         """`scope`: where background work of this conversation runs (settling a cut run, a recompile after an
         edit): a guarded session's scope, else the backend's. `on_created` is awaited once the conversation exists
-        (journaling; its failure is logged, the conversation goes on)."""
+        (journaling; its failure is logged, the conversation goes on). `adopted`: `conversation_id` was made by
+        another process for this session (it moved here): checked before its first turn (one recompile, which it
+        needs anyway: what it compiled is unknown here); one Letta no longer has is replaced by a new one."""
         self.backend = backend
         self.agent_id = agent_id
         self.room = room
@@ -196,6 +200,7 @@ class LettaConversation:
         self._lease_held = False
         self._agent_reset_done = False
         self._memory_check: asyncio.Task[None] | None = None
+        self._unverified = adopted and conversation_id is not None
         self.journal: JournalHandle | None = None
         self.turns = 0
         self.created_at: float | None = None
@@ -237,6 +242,11 @@ class LettaConversation:
     @property
     def compiled_fingerprint(self) -> str | None:
         return self._compiled
+
+    @property
+    def adopted(self) -> bool:
+        """Taken over from another process and not checked against Letta yet."""
+        return self._unverified
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -430,16 +440,19 @@ class LettaConversation:
         on_text: Callable[[str], None],
         *,
         on_usage: Callable[[Any], None] | None = None,
+        otid: str | None = None,
     ) -> TurnOutcome:
-        """Send `text`, call `on_text` with each piece of the assistant's reply as it streams. Raises
-        LettaTimeoutError, LettaUnavailableError, LettaConfigError or LettaTurnError."""
+        """Send `text`, call `on_text` with each piece of the assistant's reply as it streams. `otid`: the id
+        Letta stores with the user's message (the chat item's id), by which a later process finds out whether this
+        turn was answered (`recovery`). Raises LettaTimeoutError, LettaUnavailableError, LettaConfigError or
+        LettaTurnError."""
         loop = asyncio.get_running_loop()
         turn = _Turn(loop.time())
         self.backend.stats.turns += 1
         self.turns += 1
         end, error = TurnEnd.FAILED, None
         try:
-            await self._run(turn, text, on_text, on_usage)
+            await self._run(turn, text, on_text, on_usage, otid)
             end = TurnEnd.COMPLETED
         except asyncio.CancelledError:
             end = TurnEnd.CUT  # the user interrupted or left: not a failure
@@ -453,7 +466,12 @@ class LettaConversation:
         return outcome
 
     async def _run(
-        self, turn: _Turn, text: str, on_text: Callable[[str], None], on_usage: Callable[[Any], None] | None
+        self,
+        turn: _Turn,
+        text: str,
+        on_text: Callable[[str], None],
+        on_usage: Callable[[Any], None] | None,
+        otid: str | None,
     ) -> None:
         """The turn itself; `turn` records how far it got, whatever ends it."""
         opts = self.backend.options.turn
@@ -465,10 +483,12 @@ class LettaConversation:
                 if self._needs_settle:
                     await self._settle()
                 await self.ensure()
-                turn.recompiled = await self._refresh_memory()
+                if self._unverified:
+                    turn.recompiled = await self._verify_adopted()
+                turn.recompiled = await self._refresh_memory() or turn.recompiled
                 turn.stage = TurnStage.SENT  # from here on a run may be going on in Letta
                 try:
-                    stream = await self._send(text)
+                    stream = await self._send(text, otid)
                 except APIStatusError as e:
                     if 400 <= e.status_code < 500:
                         turn.stage = TurnStage.PREPARING  # refused: nothing reached the agent
@@ -545,18 +565,21 @@ class LettaConversation:
             if not o.text:
                 lf.warning("Letta's reply had no text to speak", run_id=o.run_id, **self._fields())
 
-    async def _send(self, text: str) -> Any:
+    async def _send(self, text: str, otid: str | None = None) -> Any:
         b = self.backend
         opts = b.options.turn
         delay = b.options.busy_retry_interval
         kwargs: dict[str, Any] = {
-            "input": text,
             "streaming": True,
             "stream_tokens": True,
             "include_pings": False,
             "max_steps": opts.max_steps if opts.max_steps is not None else omit,
             "timeout": opts.total_timeout,
         }
+        if otid:
+            kwargs["messages"] = [{"role": "user", "content": text, "otid": otid}]
+        else:
+            kwargs["input"] = text
         while True:
             try:
                 if self._mode is ConversationMode.AGENT:
@@ -595,7 +618,7 @@ class LettaConversation:
                 elif b.options.cancel_interrupted_runs and self._conversation_id is not None:
                     await b.cancel_runs(self.agent_id, self._conversation_id)
                 if run is not None:
-                    status = await self._wait_run(run)
+                    status = await self.wait_run(run)
             lf.info(
                 "cut run settled",
                 run_id=run,
@@ -615,7 +638,9 @@ class LettaConversation:
         self._cut_run = None
         b.cache.invalidate(self.agent_id, why="a cut run")
 
-    async def _wait_run(self, run: str) -> str:
+    async def wait_run(self, run: str) -> str:
+        """Poll a run until it is over (completed, failed, cancelled); its final status. Unbounded: the caller
+        bounds it."""
         b = self.backend
         pause = 0.05
         while True:
@@ -625,6 +650,65 @@ class LettaConversation:
                 return status
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
+
+    # -- a conversation adopted from another process
+
+    async def _verify_adopted(self) -> bool:
+        """Before the first turn of an adopted conversation: recompile it (what it compiled is unknown here), which
+        also tells whether Letta still has it; one it no longer has is replaced by a new one. Returns whether it
+        recompiled. Letta unreachable: the turn itself will tell."""
+        b = self.backend
+        conv_id = self._conversation_id
+        assert conv_id is not None
+        try:
+            snap = await b.cache.get(self.agent_id, max_age=b.options.block_max_age)
+            await b.call(
+                f"recompiling adopted conversation {conv_id}",
+                lambda t: b.client.conversations.recompile(conv_id, timeout=t),
+                op="conversation_recompile",
+            )
+        except APIStatusError as e:
+            if not is_not_found(e):
+                self._unverified = False
+                if e.status_code == 400:
+                    # Letta refuses to recompile a conversation with no message yet: it exists, and its prompt is
+                    # the one compiled when it was created (as for a conversation this process creates).
+                    self._compiled = snap.fingerprint
+                    lf.info("adopted conversation has no message yet: used as it is", **self._fields())
+                else:
+                    lf.warning("checking the adopted conversation failed; going ahead", error=str(e), **self._fields())
+                return False
+            await self.replace_gone()
+            await self.ensure()
+            return False
+        self._unverified = False
+        self._compiled = snap.fingerprint
+        b.stats.recompiles += 1
+        lf.info("adopted conversation checked and recompiled", **self._fields())
+        return True
+
+    async def replace_gone(self) -> None:
+        """Letta no longer has this conversation (deleted while the session moved, or Letta's data was reset):
+        forget it; the next turn creates a new one (without the session's earlier turns)."""
+        lf.error(
+            "Letta no longer has this session's conversation: the next turn starts a new one, without the earlier "
+            "turns",
+            **self._fields(),
+        )
+        old, self.journal = self.journal, None
+        if old is not None:
+            await old.done()  # nothing left to retire
+        self._conversation_id = None
+        self._mode = None
+        self._compiled = None
+        self._unverified = False
+        self._create_task = None
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the conversation (no turn runs meanwhile; one that comes waits): for reading what a turn left."""
+        async with self._lock:
+            yield
 
     # -- retirement (driven by the retirement worker)
 

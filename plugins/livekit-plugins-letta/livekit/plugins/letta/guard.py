@@ -15,10 +15,15 @@ guarded voice session, over the agent's shared memory blocks.
 
     ctx.add_shutdown_callback(lambda _: letta.aclose())
 
-- start: the session gets its own conversation on the agent (created in the background; a turn waits for it);
+- start: the session gets its own conversation on the agent (created in the background; a turn waits for it),
+  named in `session.shared["letta"]` so it follows the session to another process;
 - resume: the same conversation, no request to Letta at all (the memory block cache is per job, not per session);
+- adoption (the session comes from another process: a crash, a deploy): the conversation `session.shared["letta"]`
+  names, no create request; its journal entry's hold is taken; checked lazily (one Letta no longer has is replaced
+  by a new one, logged). `finish_interrupted_turn` answers a turn the dead process left, once (see `recovery`);
 - end: the conversation is retired (deleted; the agent's memory blocks and archival memory stay), now or, if
-  Letta cannot be reached, later: by this job's retry worker, or by a later job through the retirement journal.
+  Letta cannot be reached, later: by this job's retry worker, or by a later job through the retirement journal;
+- end with `EndReason.MOVED` (the session goes on in another process): not retired; the journal hold let go.
 
 This is the only module of the plugin that imports the session guard.
 """
@@ -33,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from letta_client import AsyncLetta
-from livekit.agents import AgentSession
+from livekit.agents import AgentSession, llm
 from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
 
 try:
@@ -52,14 +57,18 @@ from .cache import BlockCache, MemoryBlock
 from .conversation import LettaConversation
 from .errors import LettaConfigError, LettaUnavailableError
 from .journal import FileJournal, JournalEntry, RetirementJournal
-from .llm import LLM
+from .llm import LLM, last_user_message
 from .options import LettaOptions
+from .recovery import RecoveryKind, TurnRecovery, find_turn
 from .retire import PendingRetirement, Retirements
 
-__all__ = ["CONVERSATION_KEY", "AgentIdFor", "LettaSessions"]
+__all__ = ["CONVERSATION_KEY", "SHARED_KEY", "AgentIdFor", "LettaSessions", "RecoveryKind", "TurnRecovery"]
 
 CONVERSATION_KEY = "livekit.plugins.letta.conversation"
 """`GuardSession.userdata` key of the session's `LettaConversation`."""
+
+SHARED_KEY = "letta"
+"""`GuardSession.shared` key: `{"agent_id": ..., "conversation_id": ...}` of the session's conversation."""
 
 AgentIdFor = Callable[[GuardSession], "str | Awaitable[str]"]
 
@@ -182,62 +191,117 @@ class LettaSessions:
         self._retirements.want_orphans()
 
     async def _on_start(self, gs: GuardSession) -> None:
-        conv = gs.userdata.get(CONVERSATION_KEY)
-        if not isinstance(conv, LettaConversation):
-            assert self._agent_id_for is not None
-            got = self._agent_id_for(gs)
-            agent_id = await got if inspect.isawaitable(got) else got
-            conv = LettaConversation(
-                self._backend,
-                str(agent_id),
-                scope=gs.scope,
-                room=gs.room_name,
-                identity=gs.identity,
-                on_created=self._on_created,
-            )
-            # Stored before anything can fail: a start hook that runs again (after a failed or cut-off start)
-            # reuses it instead of making a second conversation.
-            gs.userdata[CONVERSATION_KEY] = conv
-            lf.info(
-                "session start: its own conversation is being created",
-                room=gs.room_name,
-                identity=gs.identity,
-                agent_id=conv.agent_id,
-            )
+        conv = await self._conversation_for(gs)
         conv.prefetch()
 
     async def _on_resume(self, gs: GuardSession) -> None:
         conv = gs.userdata.get(CONVERSATION_KEY)
-        if not isinstance(conv, LettaConversation):
-            return
+        if isinstance(conv, LettaConversation):
+            lf.info(
+                "session resumed: same conversation, nothing asked of Letta",
+                room=gs.room_name,
+                identity=gs.identity,
+                agent_id=conv.agent_id,
+                conversation_id=conv.conversation_id,
+            )
+        else:
+            conv = await self._conversation_for(gs)  # adopted from another process
+        conv.prefetch()  # only if it was never created (Letta was down)
+
+    async def _conversation_for(self, gs: GuardSession) -> LettaConversation:
+        """The session's conversation in this process: the one it has, the one `gs.shared` names (the session
+        was adopted from another process), else a new one (created in the background)."""
+        conv = gs.userdata.get(CONVERSATION_KEY)
+        if isinstance(conv, LettaConversation):
+            return conv
+        named = _shared_conversation(gs)
+        if named is not None:
+            agent_id, conversation_id = named
+            if agent_id is None:
+                agent_id = await self._agent_id(gs)
+            conv = LettaConversation(
+                self._backend,
+                agent_id,
+                conversation_id=conversation_id,
+                scope=gs.scope,
+                room=gs.room_name,
+                identity=gs.identity,
+                on_created=lambda c: self._on_created(c, gs),
+                adopted=True,
+            )
+            gs.userdata[CONVERSATION_KEY] = conv
+            lf.info(
+                "session adopted from another process: same conversation, no create request",
+                room=gs.room_name,
+                identity=gs.identity,
+                agent_id=agent_id,
+                conversation_id=conversation_id,
+            )
+            if self._journal is not None:
+                conv.journal = await self._journal.adopt(self._entry(conv))
+            return conv
+        conv = LettaConversation(
+            self._backend,
+            await self._agent_id(gs),
+            scope=gs.scope,
+            room=gs.room_name,
+            identity=gs.identity,
+            on_created=lambda c: self._on_created(c, gs),
+        )
+        # Stored before anything can fail: a start hook that runs again (after a failed or cut-off start)
+        # reuses it instead of making a second conversation.
+        gs.userdata[CONVERSATION_KEY] = conv
         lf.info(
-            "session resumed: same conversation, nothing asked of Letta",
+            "session start: its own conversation is being created",
             room=gs.room_name,
             identity=gs.identity,
             agent_id=conv.agent_id,
-            conversation_id=conv.conversation_id,
         )
-        conv.prefetch()  # only if it was never created (Letta was down)
+        return conv
 
     async def _on_end(self, gs: GuardSession, reason: EndReason) -> None:
         conv = gs.userdata.get(CONVERSATION_KEY)
         if not isinstance(conv, LettaConversation):
             return
+        if reason is EndReason.MOVED and conv.conversation_id is not None:
+            # The session goes on in another process, in this conversation: the new owner takes the journal hold.
+            handle, conv.journal = conv.journal, None
+            if handle is not None:
+                await handle.release()
+            lf.info(
+                "session moved to another process: conversation kept, journal hold let go",
+                room=gs.room_name,
+                identity=gs.identity,
+                agent_id=conv.agent_id,
+                conversation_id=conv.conversation_id,
+            )
+            return
+        # Any other end (or a move before the conversation existed: the new owner cannot know one being created)
         await self._retirements.retire(conv, reason=reason.value)
 
-    async def _on_created(self, conv: LettaConversation) -> None:
+    async def _agent_id(self, gs: GuardSession) -> str:
+        assert self._agent_id_for is not None
+        got = self._agent_id_for(gs)
+        return str(await got if inspect.isawaitable(got) else got)
+
+    def _entry(self, conv: LettaConversation) -> JournalEntry:
+        assert conv.conversation_id is not None
+        return JournalEntry(
+            letta_url=self._backend.base_url,
+            agent_id=conv.agent_id,
+            conversation_id=conv.conversation_id,
+            room=conv.room,
+            identity=conv.identity,
+            created_at=time.time(),
+            summarize=self._opts.end_summary,
+        )
+
+    async def _on_created(self, conv: LettaConversation, gs: GuardSession) -> None:
+        if conv.conversation_id is not None:
+            gs.shared[SHARED_KEY] = {"agent_id": conv.agent_id, "conversation_id": conv.conversation_id}
+            gs.save_soon()  # saved with the session now, not only at its next turn: a crash meanwhile keeps it
         if self._journal is not None and conv.conversation_id is not None:
-            conv.journal = await self._journal.record(
-                JournalEntry(
-                    letta_url=self._backend.base_url,
-                    agent_id=conv.agent_id,
-                    conversation_id=conv.conversation_id,
-                    room=conv.room,
-                    identity=conv.identity,
-                    created_at=time.time(),
-                    summarize=self._opts.end_summary,
-                )
-            )
+            conv.journal = await self._journal.record(self._entry(conv))
         if conv.retired:
             # The session ended while the create was on its way: retire what it made.
             if self._retirements.add_for(conv, reason="ended while its conversation was being created"):
@@ -313,6 +377,47 @@ class LettaSessions:
 
         gs.connection.scope.spawn(hold(), name="letta-agent-session-binding")
 
+    # -- a turn the previous process of an adopted session left
+
+    async def recover_turn(self, gs: GuardSession, history: llm.ChatContext) -> TurnRecovery:
+        """Whether the user turn `history` ends with (a user message with no reply after it: the process that
+        owned the session died mid-turn) was answered, from the session's Letta conversation (see `recovery`).
+        Holds the conversation meanwhile; bounded by `options.recover_timeout` (+ `settle_timeout`)."""
+        pending = last_user_message(history)
+        if pending is None:
+            return TurnRecovery(RecoveryKind.NOTHING_PENDING, detail="the history does not end with a user message")
+        text = (pending.text_content or "").strip()
+        result = await find_turn(self.conversation(gs), pending.id, text)
+        lf.info(
+            f"interrupted turn: {result.kind.value}",
+            room=gs.room_name,
+            identity=gs.identity,
+            detail=result.detail,
+            waited_runs=result.waited_runs,
+            conversation_id=self.conversation(gs).conversation_id,
+        )
+        return result
+
+    async def finish_interrupted_turn(
+        self, gs: GuardSession, agent_session: AgentSession[Any], history: llm.ChatContext
+    ) -> TurnRecovery:
+        """Answer the turn a dead process left, exactly once: ANSWERED → say Letta's reply (added to the chat
+        history; Letta is not asked again); UNANSWERED → `agent_session.generate_reply()` (the Letta LLM sends the
+        pending user message, which Letta does not have); UNKNOWN → say `options.lost_turn_apology` (asking the
+        user to repeat it); NOTHING_PENDING → nothing. Call it once the AgentSession is started, before anything
+        else is said (a greeting added to the history would hide the pending turn from the LLM)."""
+        result = await self.recover_turn(gs, history)
+        try:
+            if result.kind is RecoveryKind.ANSWERED:
+                agent_session.say(result.reply, add_to_chat_ctx=True)
+            elif result.kind is RecoveryKind.UNANSWERED:
+                agent_session.generate_reply()
+            elif result.kind is RecoveryKind.UNKNOWN and self._opts.lost_turn_apology:
+                agent_session.say(self._opts.lost_turn_apology, add_to_chat_ctx=True)
+        except RuntimeError as e:  # the AgentSession is closing: the user left again
+            lf.info("interrupted turn not answered: the AgentSession is closing", error=str(e), identity=gs.identity)
+        return result
+
     # -- job end
 
     async def aclose(self) -> None:
@@ -326,6 +431,8 @@ class LettaSessions:
             await self._guard.aclose()  # idempotent; waits if it is already closing
         left = await self._retirements.aclose(self._opts.close_timeout)
         leaked = await self._scope.aclose(1.0)
+        if self._journal is not None:
+            await self._journal.aclose()
         busy = left or self._backend.stats.turns or self._backend.stats.conversations_created
         lf.log(
             logging.ERROR if left else logging.INFO if busy else logging.DEBUG,
@@ -336,6 +443,20 @@ class LettaSessions:
             block_fetches=self.cache.stats.fetches,
             block_cache_hits=self.cache.stats.hits,
         )
+
+
+def _shared_conversation(gs: GuardSession) -> tuple[str | None, str] | None:
+    """(agent id or None, conversation id) that `gs.shared` names, if well-formed (anything else is logged and
+    ignored: the session then gets a new conversation)."""
+    data = gs.shared.get(SHARED_KEY)
+    if data is None:
+        return None
+    agent_id = data.get("agent_id") if isinstance(data, dict) else None
+    conversation_id = data.get("conversation_id") if isinstance(data, dict) else None
+    if isinstance(conversation_id, str) and conversation_id and (agent_id is None or isinstance(agent_id, str)):
+        return agent_id or None, conversation_id
+    lf.warning("ignoring malformed shared Letta state: a new conversation", identity=gs.identity, shared=repr(data))
+    return None
 
 
 async def _forever() -> None:

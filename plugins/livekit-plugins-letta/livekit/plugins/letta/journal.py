@@ -2,7 +2,9 @@
 retires what a crashed one left behind.
 
 `RetirementJournal` / `JournalHandle` are the seam (async, so a shared store such as Redis can implement them);
-`FileJournal` is the implementation on one machine's disk. One JSON file per conversation, written when the
+`FileJournal` is the implementation on one machine's disk, `redis_journal.RedisJournal` the one every machine of a
+deployment shares (with a grace before an unheld entry counts as an orphan, so that a session another job adopts
+keeps its conversation). One JSON file per conversation, written when the
 conversation is created and removed once it is deleted from Letta. The process that owns a conversation holds an
 exclusive `flock` on its file for as long as it lives, so:
 
@@ -15,6 +17,7 @@ Entries name the Letta server (base URL): a job only claims entries of the serve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -69,10 +72,23 @@ class RetirementJournal(Protocol):
         goes on without durability rather than failing."""
 
     async def claim_orphans(self, letta_url: str) -> list[JournalHandle]:
-        """Claim (and hold) every entry of the Letta server at `letta_url` that nobody holds."""
+        """Claim (and hold) every entry of the Letta server at `letta_url` that nobody holds (and, where the
+        journal has a grace, nobody held for that long)."""
+
+    async def adopt(self, entry: JournalEntry) -> JournalHandle | None:
+        """Hold the entry of a conversation this process takes over *live* (a session adopted from another
+        process): its existing entry if there is one (waiting, bounded, while its previous holder lets go), else
+        a new one. None, logged, when it cannot be held."""
+
+    @property
+    def orphan_scan_interval(self) -> float | None:
+        """How often a live job should look for orphans again (None: only at start and when Letta is back)."""
 
     def describe(self) -> str:
         """Where it is, for logs."""
+
+    async def aclose(self) -> None:
+        """Stop background work (renewing holds) and let go of what is still held. Idempotent."""
 
 
 class _FileHandle:
@@ -125,6 +141,46 @@ class FileJournal:
 
     def describe(self) -> str:
         return str(self.directory)
+
+    @property
+    def orphan_scan_interval(self) -> float | None:
+        return None
+
+    async def aclose(self) -> None:
+        """Nothing runs in the background: each held entry is let go by its handle (or by the process ending)."""
+
+    async def adopt(self, entry: JournalEntry, *, wait: float = 3.0) -> JournalHandle | None:
+        """Lock the existing entry of `entry.conversation_id` (retrying up to `wait` seconds while its previous
+        owner still holds it), or record a new one. There is no grace here: a job that starts meanwhile may claim an
+        unheld entry as an orphan first; use `RedisJournal` where sessions move between processes."""
+        path = self._path(entry.conversation_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                return await self.record(entry)
+            except OSError as e:
+                lf.warning("cannot open a journal entry to adopt", path=str(path), error=repr(e))
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                if loop.time() >= deadline:
+                    lf.warning(
+                        "the adopted conversation's journal entry is still held by another process",
+                        path=str(path),
+                        conversation_id=entry.conversation_id,
+                    )
+                    return None
+                await asyncio.sleep(0.1)
+                continue
+            if os.fstat(fd).st_nlink == 0:  # removed between open and lock: write it anew
+                os.close(fd)
+                continue
+            return _FileHandle(path, fd, entry)
 
     async def record(self, entry: JournalEntry) -> JournalHandle | None:
         """Write a locked entry for a new conversation. None (logged) if the journal cannot be written: the

@@ -34,7 +34,7 @@ from .errors import LettaConfigError, LettaError, LettaTimeoutError, LettaTurnEr
 from .log import logger
 from .options import LettaOptions, LettaTurnOptions
 
-__all__ = ["LLM", "LLMStream", "last_user_text"]
+__all__ = ["LLM", "LLMStream", "last_user_message", "last_user_text"]
 
 
 class LLM(llm.LLM[Any]):
@@ -125,13 +125,19 @@ class LLM(llm.LLM[Any]):
 
 def last_user_text(chat_ctx: llm.ChatContext) -> str | None:
     """The newest user message's text, if the newest message is the user's."""
+    item = last_user_message(chat_ctx)
+    return None if item is None else (item.text_content or "").strip()
+
+
+def last_user_message(chat_ctx: llm.ChatContext) -> llm.ChatMessage | None:
+    """The newest message, if it is the user's and has text (a turn Letta has to answer)."""
     for item in reversed(chat_ctx.items):
         if item.type != "message":
             continue
         if item.role != "user":
             return None
         text = item.text_content
-        return text.strip() if text and text.strip() else None
+        return item if text and text.strip() else None
     return None
 
 
@@ -149,8 +155,9 @@ class LLMStream(llm.LLMStream):
         self._retry_on_chunk_sent = False
 
     async def _run(self) -> None:
-        text = last_user_text(self._chat_ctx)
-        if text is None:
+        item = last_user_message(self._chat_ctx)
+        text = None if item is None else (item.text_content or "").strip()
+        if item is None or not text:
             # Nothing new from the user (e.g. a reply asked for by instructions only): Letta has nothing to answer.
             logger.debug("no new user message in the chat context; nothing sent to Letta")
             return
@@ -174,7 +181,9 @@ class LLMStream(llm.LLMStream):
             )
 
         try:
-            await self._letta.conversation.run_turn(text, on_text, on_usage=on_usage)
+            # The chat item's id goes with the message (Letta's `otid`): a process that takes the session over finds
+            # out from it whether this turn was answered (`recovery`).
+            await self._letta.conversation.run_turn(text, on_text, on_usage=on_usage, otid=item.id)
         except LettaError as e:
             raise api_error(e) from e
 

@@ -10,9 +10,10 @@ from typing import Literal
 
 from .errors import LettaConfigError
 
-__all__ = ["DEFAULT_APOLOGY", "LettaOptions", "LettaTurnOptions", "agent_id_from_metadata"]
+__all__ = ["DEFAULT_APOLOGY", "DEFAULT_LOST_TURN", "LettaOptions", "LettaTurnOptions", "agent_id_from_metadata"]
 
 DEFAULT_APOLOGY = "Sorry, I can't reach my memory right now. Please try again in a moment."
+DEFAULT_LOST_TURN = "Sorry, I lost what you just said \u2014 could you say it again?"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class LettaOptions:
     """When a reply is cut (the user interrupted, left, or the turn timed out) cancel the Letta run, so the
     conversation keeps neither the cut turn nor a run still writing to it. False: let the run finish server-side
     (the next turn waits for it, up to `settle_timeout`)."""
+    lost_turn_apology: str = DEFAULT_LOST_TURN
+    """Said (and added to the chat history) when a session taken over from a dead process ends with a user turn
+    whose fate Letta cannot tell (`LettaSessions.finish_interrupted_turn`)."""
+    recover_timeout: float = 20.0
+    """How long finding out about an interrupted turn may wait for a Letta run still answering it; past it the run
+    is cancelled (and waited for up to `settle_timeout`), so the turn is answered once, never twice."""
     settle_timeout: float = 5.0
     """How long the next turn waits for a cut run to stop before going ahead anyway."""
     busy_retry_interval: float = 0.25

@@ -68,6 +68,7 @@ class Retirements:
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._orphans_wanted = False
+        self._next_scan: float | None = None
 
     @property
     def pending(self) -> list[PendingRetirement]:
@@ -187,6 +188,13 @@ class Retirements:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            interval = self._journal.orphan_scan_interval if self._journal is not None else None
+            if interval is not None:
+                if self._next_scan is None or time.monotonic() >= self._next_scan:
+                    # A journal shared by several processes: an entry may become an orphan at any time (a process
+                    # died, and the grace within which another job may adopt its sessions ran out).
+                    self._orphans_wanted = True
+                    self._next_scan = time.monotonic() + interval
             if self._orphans_wanted:
                 self._orphans_wanted = False
                 try:
@@ -201,6 +209,8 @@ class Retirements:
                     item.next_at = time.monotonic() + self._b.options.retry_max
                     lf.error("retirement attempt crashed", error=repr(e), **item.ids())
             waits = [p.next_at for p in self._pending if not p.in_flight]
+            if self._next_scan is not None:
+                waits.append(self._next_scan)
             timeout = max(0.05, min(waits) - time.monotonic()) if waits else None
             # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation that lands as the event is
             # set, and this loop would then outlive its scope.

@@ -11,6 +11,10 @@ capacity and Prometheus multiprocess metrics.
   machine CPU, as in the framework; either way the worker logs a WARNING when it refuses rooms while it has no job.
 - ``prometheus_port``: the framework's ``/metrics`` in multiprocess mode on a directory of this worker run, with dead
   job processes' live gauges swept away (:mod:`.metrics`).
+- ``redis_url`` (the ``cluster`` extra): the session store shared by the deployment. The worker's main process then
+  runs the re-dispatch watcher (:mod:`.cluster.watcher`: every worker runs it, the holder of one lock in Redis does
+  the duty), serves ``/cluster`` (every room in the store, its owner and its saved sessions: the whole deployment,
+  from any worker), and on ``drain()`` / ``aclose()`` hands its rooms to another worker before it waits for its jobs.
 
 What needs private framework parts is in :mod:`.compat`.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import math
 import os
 import shutil
@@ -33,6 +38,7 @@ import psutil
 from aiohttp import web
 from livekit.agents import JobContext, JobRequest, utils
 from livekit.agents import __version__ as livekit_agents_version
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils.hw import get_cpu_monitor
 from livekit.agents.worker import ServerEnvOption, ServerType
 
@@ -41,8 +47,11 @@ from .log import logger
 from .state_dir import STATE_DIR_ENV, read_state_dir
 
 if TYPE_CHECKING:
+    from livekit import api
     from livekit.agents.simulation import SimulationContext
+    from redis.asyncio import Redis
 
+    from .cluster.watcher import RedispatchWatcher, WatcherMetrics, WatcherOptions
     from .metrics import MultiprocessDir
 
 __all__ = [
@@ -214,6 +223,16 @@ class SessionGuardServer(HealthRoutesServer):
     With ``prometheus_port``, the framework's ``/metrics`` server runs in multiprocess mode on
     ``prometheus_multiproc_dir`` (else ``$PROMETHEUS_MULTIPROC_DIR``, else a fresh temporary directory per run),
     and the live gauges of job processes that ended are swept every 2 s: see :mod:`.metrics`.
+
+    With ``redis_url`` (None: the cluster is off, sessions live in their job process only):
+
+    - the re-dispatch watcher runs from the first registration until the worker drains or closes
+      (``watcher``: :class:`~.cluster.watcher.WatcherOptions`); the LiveKit API it calls is the worker's own
+      (``ws_url``/``api_key``/``api_secret``, else ``LIVEKIT_URL``/``LIVEKIT_API_KEY``/``LIVEKIT_API_SECRET``);
+    - ``cluster_path`` (``/cluster``) on the health port reads the store;
+    - ``drain()`` and ``aclose()`` first mark the worker as taking no jobs, dispatch each room one of its jobs owns
+      to another worker (``ResumeIntent(resume=True, handoff=<lease>)``) and wait up to ``watcher.handoff_wait``
+      for the new owners' leases, then go on as without a cluster.
     """
 
     def __init__(
@@ -225,6 +244,9 @@ class SessionGuardServer(HealthRoutesServer):
         max_jobs: int | MachineCapacity | None = None,
         target_load: float = LIVEKIT_TARGET_LOAD,
         capacity_hint: str = "max_jobs",
+        redis_url: str | None = None,
+        watcher: WatcherOptions | None = None,
+        cluster_path: str = "/cluster",
         **kwargs: Any,
     ) -> None:
         if not 0 < target_load <= 1:
@@ -268,6 +290,19 @@ class SessionGuardServer(HealthRoutesServer):
             # chosen in run(): nothing is created by constructing a server (agent modules are re-imported in job
             # processes)
             self.metrics_dir = MultiprocessDir(kwargs.pop("prometheus_multiproc_dir", None))
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {redis_url!r}")
+        self.redis_url = redis_url or None
+        self.cluster_path = cluster_path
+        self._watcher_options = watcher
+        self._lk_args = (kwargs.get("ws_url"), kwargs.get("api_key"), kwargs.get("api_secret"))
+        self._sg_agent_name = ""
+        self._redis: Redis | None = None
+        self._lkapi: api.LiveKitAPI | None = None
+        self.watcher: RedispatchWatcher | None = None
+        self._watcher_metrics: WatcherMetrics | None = None
+        self._watcher_task: asyncio.Task[None] | None = None
+        self._handed_over = False
         super().__init__(**kwargs)
         self.on("worker_registered", self._on_registered)
         self.on("worker_started", self._on_started)
@@ -277,7 +312,31 @@ class SessionGuardServer(HealthRoutesServer):
     def add_health_routes(self, app: web.Application) -> None:
         self.sessions_endpoint.add_routes(app)
         app.router.add_get(self.ready_path, self._ready)
+        if self.redis_url is not None:
+            app.router.add_get(self.cluster_path, self._cluster)
         self._routes_added = True
+
+    async def _cluster(self, request: web.Request) -> web.Response:
+        from redis.exceptions import RedisError
+
+        from .cluster.keys import Keys
+        from .cluster.watcher import ClusterView
+
+        if self._redis is None:
+            return web.json_response({"error": "the cluster is not started yet"}, status=503)
+        try:
+            doc = await ClusterView(self._redis, Keys(namespace=self.agent_name)).read()
+        except RedisError as e:
+            return web.json_response({"error": f"the session store is unreachable: {e}"}, status=503)
+        doc["worker_id"] = self.id
+        return web.json_response(doc)
+
+    @property
+    def agent_name(self) -> str:
+        """The agent name this worker registers (what ``rtc_session`` resolved; the cluster's namespace)."""
+        if os.environ.get("LIVEKIT_AGENT_NAME_OVERRIDE"):
+            return os.environ["LIVEKIT_AGENT_NAME_OVERRIDE"]
+        return self._sg_agent_name or os.environ.get("LIVEKIT_AGENT_NAME", "")
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready while registered with livekit-server and not draining."""
@@ -296,6 +355,9 @@ class SessionGuardServer(HealthRoutesServer):
 
     def _on_registered(self, worker_id: str, server_info: Any) -> None:
         self._registered = True
+        if self.watcher is not None and self._watcher_task is None and not self.draining:
+            # from the first registration on: a dispatch made before it would be dropped like the ones it retries
+            self._watcher_task = asyncio.create_task(self.watcher.run(), name="session_guard_watcher")
 
     # -- load and capacity
 
@@ -395,6 +457,7 @@ class SessionGuardServer(HealthRoutesServer):
         on_simulation_end: Callable[[SimulationContext], Any] | None = None,
     ) -> Entrypoint | Callable[[Entrypoint], Entrypoint]:
         """``AgentServer.rtc_session``; with ``max_jobs``, ``on_request`` runs behind the capacity gate."""
+        self._sg_agent_name = agent_name
         gated = self._gate(on_request) if self.max_jobs is not None else on_request
         kwargs: dict[str, Any] = {
             "agent_name": agent_name,
@@ -424,7 +487,134 @@ class SessionGuardServer(HealthRoutesServer):
             os.environ[MULTIPROC_ENV] = str(path)
             use_multiprocess_values()
             logger.info("[SESSION] Prometheus multiprocess directory %s", path)
+        if self.redis_url is not None and not unregistered:
+            self._start_cluster()
         await super().run(devmode=devmode, unregistered=unregistered)
+
+    def _start_cluster(self) -> None:
+        """The store's client, the LiveKit API client and the watcher (its task starts at the first registration)."""
+        from livekit import api
+
+        from .cluster.watcher import RedispatchWatcher, WatcherOptions, connect_redis
+
+        assert self.redis_url is not None
+        if self._redis is not None:
+            return
+        options = self._watcher_options or WatcherOptions()
+        url, key, secret = self._lk_args
+        self._redis = connect_redis(self.redis_url)
+        self._lkapi = api.LiveKitAPI(
+            url or os.environ.get("LIVEKIT_URL"),
+            key or os.environ.get("LIVEKIT_API_KEY"),
+            secret or os.environ.get("LIVEKIT_API_SECRET"),
+        )
+        self.watcher = RedispatchWatcher(
+            self._redis,
+            self._lkapi,
+            agent_name=self.agent_name,
+            worker_id=lambda: self.id,
+            options=options,
+        )
+        logger.info(
+            "[TAKEOVER] cluster on: sessions in the store, re-dispatch watched by one worker of agent %r",
+            self.agent_name,
+            extra={"agent_name": self.agent_name},
+        )
+
+    async def _close_cluster(self) -> None:
+        await self._stop_watching()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+        if self._lkapi is not None:
+            with contextlib.suppress(Exception):
+                await self._lkapi.aclose()
+            self._lkapi = None
+
+    # -- the drain handoff
+
+    async def _stop_watching(self) -> None:
+        if self._watcher_task is not None:
+            await utils.aio.cancel_and_wait(self._watcher_task)
+            self._watcher_task = None
+        if self.watcher is not None:
+            await self.watcher.release()
+
+    async def hand_over(self) -> None:
+        """This worker's rooms to other workers (see the class docstring); once per worker, never raises. The
+        caller has marked the worker as taking no jobs."""
+        if self._handed_over or self._redis is None or self._lkapi is None:
+            return
+        self._handed_over = True
+        from redis.exceptions import RedisError
+
+        from .cluster.keys import Keys
+        from .cluster.watcher import LIVEKIT_ERRORS, WatcherOptions
+        from .cluster.watcher import hand_over as _hand_over
+
+        options = self._watcher_options or WatcherOptions()
+        failures: tuple[type[BaseException], ...] = (RedisError, *LIVEKIT_ERRORS)
+        await self._stop_watching()
+        jobs = [(j.job.room.name, j.job.id, j.job.metadata) for j in self.active_jobs if not j.fake_job]
+        if not jobs or options.handoff_wait <= 0:
+            return
+        try:
+            r = await _hand_over(
+                self._redis,
+                self._lkapi,
+                Keys(namespace=self.agent_name),
+                jobs,
+                agent_name=self.agent_name,
+                wait=options.handoff_wait,
+                dispatched_ttl=options.dispatched_ttl,
+                metrics=self._watcher_metrics,
+            )
+        except failures as e:
+            logger.warning(
+                "[TAKEOVER] handoff failed (%s: %s): the drain goes on as without a cluster", type(e).__name__, e
+            )
+            return
+        if r.rooms == 0:
+            logger.info("[TAKEOVER] none of the %d jobs owns its room's lease: nothing to hand over", len(jobs))
+            return
+        level = logging.INFO if not r.pending else logging.WARNING
+        logger.log(
+            level,
+            "[TAKEOVER] handed %d of %d owned rooms to other workers in %.2f s%s",
+            r.handed_over,
+            r.rooms,
+            r.seconds,
+            f"; still here after {options.handoff_wait:g} s: {', '.join(r.pending)}" if r.pending else "",
+            extra={"rooms": r.rooms, "handed_over": r.handed_over, "seconds": round(r.seconds, 3), "jobs": len(jobs)},
+        )
+
+    async def _draining_with_handoff(self, timeout: NotGivenOr[int | None]) -> asyncio.Task[None]:
+        """Start the framework's drain (it marks the worker as taking no jobs, then waits for the jobs) and hand the
+        rooms over meanwhile; returns the drain's task."""
+        inner = asyncio.create_task(super().drain(timeout), name="session_guard_drain")
+        try:
+            async with asyncio.timeout(5):  # drain() flags the worker under the framework's lock, then waits
+                while not self.draining and not inner.done():  # noqa: ASYNC110 (the framework sets no event)
+                    await asyncio.sleep(0.01)
+            await self.hand_over()
+        except BaseException:
+            await utils.aio.cancel_and_wait(inner)
+            raise
+        return inner
+
+    async def drain(self, timeout: NotGivenOr[int | None] = NOT_GIVEN) -> None:
+        """The framework's drain; with a cluster, the rooms are handed to other workers before the jobs are waited
+        for (their owners then park and end quickly)."""
+        if self._redis is None or self.draining or self._handed_over:
+            await super().drain(timeout)
+            return
+        inner = await self._draining_with_handoff(timeout)
+        try:
+            await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            await utils.aio.cancel_and_wait(inner)
+            raise
 
     def _on_started(self) -> None:
         if not self._routes_added:
@@ -438,6 +628,13 @@ class SessionGuardServer(HealthRoutesServer):
             )
         if self.metrics_dir is not None and self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_metrics(self.metrics_dir), name="session_guard_sweep")
+        if self.metrics_dir is not None and self.watcher is not None and self._watcher_metrics is None:
+            # created once the framework emptied the metrics directory (at its start): earlier files are gone
+            from .cluster.watcher import WatcherMetrics
+
+            self._watcher_metrics = WatcherMetrics()
+            self.watcher.metrics = self._watcher_metrics
+            self._watcher_metrics.store_up.set(0 if self.watcher.store.down_since is not None else 1)
 
     async def _sweep_metrics(self, directory: MultiprocessDir) -> None:
         """Drop the live gauges of job processes that ended (exit, crash, SIGKILL) from the metrics directory."""
@@ -449,9 +646,16 @@ class SessionGuardServer(HealthRoutesServer):
                 logger.exception("[SESSION] could not sweep dead job processes out of the metrics directory")
 
     async def aclose(self) -> None:
+        """The framework's close; with a cluster, the handoff first (the ``dev`` mode's path: no drain), then the
+        store's and LiveKit's clients are closed."""
         try:
+            if self._redis is not None and not self._handed_over and self._registered:
+                inner = await self._draining_with_handoff(None)
+                await utils.aio.cancel_and_wait(inner)  # waited for the jobs: close does not
+            await self._stop_watching()
             await super().aclose()
         finally:
+            await self._close_cluster()
             if self._sweeper is not None:
                 await utils.aio.cancel_and_wait(self._sweeper)
                 self._sweeper = None

@@ -39,7 +39,7 @@ from .lease import RoomLease, parse_holder
 from .options import ClusterOptions
 from .store import FencedWrites
 
-__all__ = ["Change", "OwnershipChange", "RoomOwnership"]
+__all__ = ["Change", "OwnershipChange", "RoomOwnership", "owner_client_name"]
 
 _STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -54,6 +54,11 @@ class OwnershipChange:
     kind: Change
     detail: str
     """LOST: the job that holds the room now (or why); HANDOFF: the job taking over."""
+
+
+def owner_client_name(job_id: str) -> str:
+    """The Redis client name of a room owner's connections (``CLIENT LIST`` shows whether the job is alive)."""
+    return f"sg-owner:{job_id}"
 
 
 def _now_ms() -> int:
@@ -102,6 +107,10 @@ class RoomOwnership:
             socket_timeout=options.store_timeout,
             socket_connect_timeout=options.store_timeout,
             health_check_interval=0,
+            # every connection of this job carries its name: while the job lives, its handoff listener keeps one
+            # open, so the watcher can tell a dead owner (killed: the kernel closed its sockets) before its lease
+            # runs out (``owner_client_name``)
+            client_name=owner_client_name(job_id),
         )
         return cls(
             redis,
