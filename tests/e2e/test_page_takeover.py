@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from livekit import api
-from livekit.plugins.session_guard.cluster.keys import Keys, ResumeIntent, with_intent
 
 from perf.stack import wait_registered
 from tests.e2e.conftest import WebServer, browsers, run_web_server, write_wav
@@ -53,25 +52,12 @@ def agents_in(stack: Stack, room: str) -> list[str]:
     return [m for m in room_members(stack, room) or [] if m.startswith("agent-")]
 
 
-def take_over(stack: Stack, redis_url: str | None, room: str, agent_name: str, letta_agent: str, dead: str) -> None:
-    """Dispatch a new agent into the dead owner's room, as issue 12's watcher does by itself.
-
-    REMOVE this helper (and its one call) once the automatic takeover (the workers' watcher) is in main: the workers
-    then re-dispatch the room themselves, and the test only waits for the new agent. Until then the test does what
-    the watcher will do: once the room has no live lease, a real `create_dispatch` with the app's metadata and the
-    resume intent. The dead agent is still listed then (livekit-server times it out ~15-20 s after the crash).
-    Without the store (`redis_url` None) a new job leaves while an older agent of its name is listed
-    (`leave_if_older_agent`), so the dispatch waits until livekit-server has dropped the dead agent.
-    """
-    if redis_url is None:
-        wait_until(lambda: dead not in agents_in(stack, room), 45, 0.25, f"livekit-server to drop {dead}")
-    else:
-        import redis
-
-        lease = Keys(agent_name).lease(room)
-        with redis.Redis.from_url(redis_url) as r:
-            wait_until(lambda: not r.exists(lease), 15, 0.1, f"the dead owner's lease of {room} to expire")
-    metadata = with_intent(json.dumps({"letta_agent_id": letta_agent}), ResumeIntent(resume=True))
+def dispatch_again(stack: Stack, room: str, agent_name: str, letta_agent: str, dead: str) -> None:
+    """Without the session store nothing re-dispatches a room whose agent died (the watcher needs Redis): what an
+    operator would do, a real `create_dispatch` into the same room. It waits until livekit-server has dropped the
+    dead agent: a job without the store leaves while an older agent of its name is listed (`leave_if_older_agent`)."""
+    wait_until(lambda: dead not in agents_in(stack, room), 45, 0.25, f"livekit-server to drop {dead}")
+    metadata = json.dumps({"letta_agent_id": letta_agent})
     livekit(
         stack,
         lambda lk: lk.agent_dispatch.create_dispatch(
@@ -206,22 +192,7 @@ def set_muted(ui: BrowserPage, stack: Stack, muted: bool) -> None:
 # --- the tests ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "store",
-    [
-        pytest.param(
-            True,
-            id="store",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="until the Letta conversation is kept across processes (issue 12, GuardSession.shared['letta'], "
-                "the letta helper's part): the adopted session's connection hook fails with 'this session has no "
-                "Letta conversation', so the new agent never serves; remove this mark when it passes",
-            ),
-        ),
-        pytest.param(False, id="in-process"),
-    ],
-)
+@pytest.mark.parametrize("store", [pytest.param(True, id="store"), pytest.param(False, id="in-process")])
 def test_a_crashed_agent_is_replaced_in_the_same_room(
     stack: Stack,
     agent_name: str,
@@ -234,9 +205,10 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
     """Two workers; SIGKILL the one serving the page's room: the page stays in the room, says the agent is
     reconnecting, then that it reconnected; the new agent answers typed and spoken turns, and its audio plays.
 
-    With the session store (`store`) the new agent joins while the dead one is still listed and adopts the session:
-    the conversation goes on (the test provider's turn count). Without it (in-process mode) a new agent can only
-    join once livekit-server dropped the dead one, and starts a fresh session in the same room."""
+    With the session store (`store`, the default deployment) the surviving worker's watcher re-dispatches the room
+    by itself; the new agent joins while the dead one is still listed and adopts the session: the conversation goes
+    on (the test provider's turn count). Without it (in-process mode) nothing re-dispatches: the test does, once
+    livekit-server dropped the dead agent, and the new agent starts a fresh session in the same room."""
     redis_url: str | None = request.getfixturevalue("redis_url") if store else None
     workers += start_workers(stack, agent_name, 2, SG_REDIS_URL=redis_url)
     first = 1 if store else 0  # the turns the conversation held before the crash, as the new agent sees them
@@ -253,10 +225,15 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         dead = serving(workers, room)
         [old_agent] = agents_in(stack, room)
         ui.page.evaluate(RECORDER)
+        # The turn is over and saved: a crash within ~1 s of a reply's end was seen to have the new owner say the
+        # reply again (its saved state did not yet hold the reply; reported to the cluster's owners). The crash here
+        # is of an idle conversation; a turn in flight is the fault suite's (tests/faults).
+        time.sleep(2.0)
 
         t0 = time.monotonic()
         kill(dead)
-        take_over(stack, redis_url, room, agent_name, letta_agent, old_agent)  # REMOVE once the watcher is in main
+        if not store:
+            dispatch_again(stack, room, agent_name, letta_agent, old_agent)
         try:
             ui.wait_mark("sg:agent-reconnected", timeout=45 if store else 60)
         except AssertionError as e:
@@ -264,11 +241,14 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         took = time.monotonic() - t0
         ui.wait_state(*LIVE_STATES, timeout=10)
         seen = states(ui)
-        assert "agent-reconnecting" in seen, seen
-        assert seen.index("agent-reconnecting") < max(i for i, s in enumerate(seen) if s in LIVE_STATES), seen
-        assert not {"idle", "ended", "error", "connecting", "resuming", "waiting"} & set(seen), seen
         texts = ui.page.evaluate("() => window.__texts")
-        assert any(t.startswith("Agent reconnecting") for t in texts), texts
+        if not store:
+            # The dead agent left before the new one came: "Agent reconnecting…" meanwhile.
+            assert "agent-reconnecting" in seen, seen
+            assert seen.index("agent-reconnecting") < max(i for i, s in enumerate(seen) if s in LIVE_STATES), seen
+            assert any(t.startswith("Agent reconnecting") for t in texts), texts
+        # (With the store the new agent may already serve when the page first sees it: it switches at once.)
+        assert not {"idle", "ended", "error", "connecting", "resuming", "waiting"} & set(seen), seen
         assert any(t.endswith("— agent reconnected") for t in texts), texts
         assert any(e["who"] == "divider" and e["text"] == "Agent reconnected" for e in ui.entries())
         assert ui.room() == room and ui.identity() == identity, "the page stayed in its room"
@@ -276,7 +256,7 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         assert mic_muted(stack, room, identity) is True, "the microphone stays published across the takeover"
 
         # A typed turn: answered once, by the new agent, in this room, in the same conversation.
-        reply = ui.ask("after the crash")
+        reply = ui.ask("after the crash", expect="after the crash")
         assert reply == f"You said: after the crash. (turn {first + 1})"
         # The new agent hears the microphone: a spoken turn.
         queue_stt(stack, "spoken after the crash")
@@ -297,6 +277,8 @@ def test_a_crashed_agent_is_replaced_in_the_same_room(
         )
         live = sessions_of_all(workers, room)
         assert [s["identity"] for s in live] == [identity], live
+        said = [e["text"] for e in ui.entries("agent") if e["text"].startswith("You said:")]
+        assert len(said) == len(set(said)), f"a reply was said twice: {said}"
         # The dead agent's disconnect comes last (livekit-server's timeout): the page already talks to the new one.
         so_far = len(states(ui))
         wait_until(lambda: old_agent not in agents_in(stack, room), 45, 0.5, f"livekit-server to drop {old_agent}")
