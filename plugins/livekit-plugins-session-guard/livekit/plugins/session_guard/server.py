@@ -587,7 +587,10 @@ class SessionGuardServer(HealthRoutesServer):
             r.handed_over,
             r.rooms,
             r.seconds,
-            f"; still here after {options.handoff_wait:g} s: {', '.join(r.pending)}" if r.pending else "",
+            f"; still owned here when the wait ended (bound {options.handoff_wait:g} s or the drain's end): "
+            f"{', '.join(r.pending)}"
+            if r.pending
+            else "",
             extra={"rooms": r.rooms, "handed_over": r.handed_over, "seconds": round(r.seconds, 3), "jobs": len(jobs)},
         )
 
