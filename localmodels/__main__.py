@@ -69,15 +69,22 @@ async def serve(
     memory: bool = True,
     chat_format: str | None = None,
 ) -> int:
+    from .chat import answer_request, memory_request
     from .embed import DIMENSIONS, MiniLM
     from .embed import MODEL_NAME as MODEL_NAME_EMBED
-    from .llm import MODEL_ID, MODEL_NAME, LocalLLM
+    from .llm import ANSWER, MEMORY, MODEL_ID, MODEL_NAME, LocalLLM
     from .server import Models, make_app
 
     log = logging.getLogger("localmodels")
     t0 = time.perf_counter()
     try:
         chat = LocalLLM(threads=threads, max_tokens=max_tokens, path=gguf, chat_format=chat_format)
+        chat.warm(
+            {
+                MEMORY: memory_request("Hello."),
+                ANSWER: answer_request(["The user's name is Sam."], "What is my name?"),
+            }
+        )
         embedder = MiniLM.load()
     except (FileNotFoundError, ModuleNotFoundError) as e:
         print(f"localmodels: a model is missing: {e}", file=sys.stderr)

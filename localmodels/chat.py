@@ -43,6 +43,11 @@ STYLE = (
 MAX_SYSTEM_CHARS = 1200
 MAX_TURN_CHARS = 600
 MAX_TURNS = 6
+WINDOW_STEP = 4
+"""Old turns leave the prompt `WINDOW_STEP` at a time, not one by one: llama_cpp re-evaluates everything after the
+first token that differs from the previous prompt, and a window sliding by one exchange every turn changed the
+prompt right after the system message every turn (~100-150 tokens re-read; 1.3-2 s at the ~80 tokens/s of one
+busy core). Dropping two exchanges at once keeps the prefix for every other turn."""
 
 
 class BadRequest(ValueError):
@@ -111,6 +116,14 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
+def _window(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The last turns, at most `MAX_TURNS`, their start moving by `WINDOW_STEP` (see there)."""
+    over = len(turns) - MAX_TURNS
+    if over <= 0:
+        return turns
+    return turns[-(-over // WINDOW_STEP) * WINDOW_STEP :]
+
+
 def condense(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """The short prompt the model sees: one system message, then the last turns, ending with a user turn."""
     system_parts: list[str] = []
@@ -137,7 +150,7 @@ def condense(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     system_text = "\n".join(system_parts)
     blocks = memory_blocks(system_text)
     system = letta_system(blocks) if blocks else (_cut(system_text, MAX_SYSTEM_CHARS) if system_text.strip() else STYLE)
-    turns = turns[-MAX_TURNS:]
+    turns = _window(turns)
     while turns and turns[0]["role"] != "user":
         turns.pop(0)
     if not turns or turns[-1]["role"] != "user":
@@ -289,6 +302,110 @@ def memory_call(tool: ToolSpec, fact: str, known: str) -> str | None:
     return json.dumps({"label": "human", "content": fact})
 
 
+# --- answering a question about the user from memory -----------------------------------------------------------
+
+ANSWER_INSTRUCTIONS = (
+    "You answer the user's question about themselves from what you know about them, in one short sentence."
+)
+ANSWER_EXAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("Your name is Sam. You love chess.", "What is my name?", "Your name is Sam."),
+    ("You live in Lisbon. You have two cats. Your name is Sam.", "Where do I live?", "You live in Lisbon."),
+    (
+        "You love chess. You work as a teacher.",
+        "What do you know about me?",
+        "You love chess and you work as a teacher.",
+    ),
+    (
+        "Your favorite food is pizza. You have a sister named Ana.",
+        "Do you remember my sister's name?",
+        "Yes, your sister is named Ana.",
+    ),
+)
+"""Few-shot examples of the answer step, with made-up facts of their own. SmolLM2-135M asked in a new session
+"What is my favorite color?" with the fact in the reply's system prompt said blue 3-6 times in 6 and often spoke
+about itself ("I'm Alex, a helpful assistant"); with this prompt, over the same stored facts, it answers in the
+second person from them (docs/design-notes.md has the counts)."""
+ANSWER_GRAMMAR = r"""root ::= [A-Z] [^.!?\n]{2,120} [.!]"""
+"""llama.cpp GBNF: one sentence, so the answer is the fact, not a ramble after it."""
+_FIRST_PERSON = frozenset({"my", "me", "i", "mine", "myself", "i'm", "i've"})
+_THIRD_PERSON_VERBS = {"is": "are", "has": "have", "was": "were", "does": "do"}
+
+
+def known_facts(human: str) -> list[str]:
+    """The `human` block's lines that say something (its "Nothing is known..." placeholder dropped)."""
+    return [ln.strip() for ln in human.splitlines() if ln.strip() and not _PLACEHOLDER_RE.match(ln)]
+
+
+def second_person(fact: str) -> str:
+    """ "The user's name is Alex." -> "Your name is Alex."; "The user prefers blue." -> "You prefer blue.": the memory
+    text as the assistant would say it to the user (the model answered more often in the second person, and never
+    confused itself with the user, given its facts this way). Only pronouns and the verb after them change."""
+
+    def verb(m: re.Match[str]) -> str:
+        w = m.group(2)
+        if w in _THIRD_PERSON_VERBS:
+            w = _THIRD_PERSON_VERBS[w]
+        elif w.endswith("ies") and len(w) > 4:
+            w = w[:-3] + "y"
+        elif w.endswith(("shes", "ches", "xes", "sses")):
+            w = w[:-2]
+        elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+            w = w[:-1]
+        return m.group(1) + w
+
+    out = re.sub(r"\b[Tt]he user's\b", lambda m: "Your" if m.group(0)[0] == "T" else "your", fact)
+    out = re.sub(r"\b([Tt])he user\b", lambda m: "You" if m.group(1) == "T" else "you", out)
+    return re.sub(r"\b((?:You|you) )([a-z]+)\b", verb, out)
+
+
+_ASKS_ABOUT_USER_RE = re.compile(r"\b(about me|remember|what(?:'s| is| was) my|who am i|my name)\b", re.IGNORECASE)
+
+
+def about_user(text: str, facts: Sequence[str]) -> bool:
+    """Whether the user's message asks about the user themselves and so goes to the answer step: a question in the
+    first person that either asks for what is known ("What is my ...?", "What do you know about me?", "Do you
+    remember ...?") or shares a content word with a remembered fact ("What do I do for work?" and "The user works as a
+    nurse."). "Can you tell me a fun fact about cats?" or "What should I cook tonight?" are not: the first bench run
+    with any first-person question routed here answered them with the user's facts. Only routes; the answer is the
+    model's."""
+    ws = set(_words(text))
+    if not text.rstrip().endswith("?") or not _FIRST_PERSON & ws:
+        return False
+    if _ASKS_ABOUT_USER_RE.search(text):
+        return True
+    asked = {w[:4] for w in ws - _STOPWORDS if len(w) > 2}
+    known = {w[:4] for f in facts for w in _words(f) if w not in _STOPWORDS and len(w) > 2}
+    return bool(asked & known)
+
+
+def _content(text: str) -> set[str]:
+    return {w[:4] for w in _words(text) if w not in _STOPWORDS and len(w) > 2}
+
+
+EXAMPLE_MARKERS = ("sam", "lisbon", "cats", "chess", "teacher", "pizza", "sister", "ana")
+"""The made-up names and things of `ANSWER_EXAMPLES` (a unit test checks each is in them)."""
+
+
+def borrowed_words(facts: Sequence[str], question: str) -> frozenset[str]:
+    """The examples' made-up names and things (`EXAMPLE_MARKERS`, as 4-letter prefixes) that neither the facts nor
+    the question have: SmolLM2 sometimes added an example's fact to the user's ("You prefer blue and you have a
+    sister named Ana.", 1 answer in 10), and an answer using one is regenerated (`Hygiene.borrowed`)."""
+    return frozenset({w[:4] for w in EXAMPLE_MARKERS} - _content(" ".join([*facts, question])))
+
+
+def answer_request(facts: Sequence[str], question: str) -> list[dict[str, str]]:
+    """The few-shot prompt of the answer step: the memory text in the second person, then the user's question.
+    The instructions and examples come first and never change, so their tokens stay in the answer context's KV
+    cache (llama_cpp reuses the longest common prefix) and each answer evaluates only the facts and the question."""
+    msgs = [{"role": "system", "content": ANSWER_INSTRUCTIONS}]
+    for known, q, a in ANSWER_EXAMPLES:
+        msgs.append({"role": "user", "content": f"What you know: {known}\nQuestion: {q}"})
+        msgs.append({"role": "assistant", "content": a})
+    known_text = _cut(" ".join(second_person(f) for f in facts), MAX_SYSTEM_CHARS // 2)
+    msgs.append({"role": "user", "content": f"What you know: {known_text}\nQuestion: {_cut(question, MAX_TURN_CHARS)}"})
+    return msgs
+
+
 # --- output hygiene --------------------------------------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"[a-z0-9']+")
@@ -329,6 +446,9 @@ class Hygiene:
     regenerates when nothing was sent). At most `MAX_SENTENCES` sentences pass (`full`)."""
 
     system: str
+    borrowed: frozenset[str] = frozenset()
+    """4-letter word prefixes a sentence must not use: the answer step's made-up example facts (`borrowed_words`). A
+    sentence with one is treated like a recital: dropped, and the reply regenerated."""
     sent: int = 0
     recital: bool = False
     foreign: bool = False
@@ -347,7 +467,7 @@ class Hygiene:
         s = sentence.strip()
         if not s or self.full:
             return None
-        if _ngrams(_words(s), RECITAL_NGRAM) & self._grams:
+        if _ngrams(_words(s), RECITAL_NGRAM) & self._grams or any(w[:4] in self.borrowed for w in _words(s)):
             self.recital, self.rejected = True, s
             return None
         if any(c.isalpha() for c in s) and not is_english(s):  # digits/punctuation alone pass quietly

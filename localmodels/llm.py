@@ -19,7 +19,10 @@ MODEL_ID = "smollm2-135m-instruct"
 MODEL_NAME = "SmolLM2-135M-Instruct Q4_1"
 CONTEXT_TOKENS = 4096
 """What the server loads the model with (SmolLM2 supports 8192); prompts are condensed far below it."""
-MEMORY_CONTEXT_TOKENS = 1024
+SMALL_CONTEXT_TOKENS = 1024
+"""The memory decision's and the answer step's contexts: a few-shot prompt, a few facts, one message."""
+REPLY, MEMORY, ANSWER = "reply", "memory", "answer"
+"""The llama.cpp contexts (`LocalLLM.contexts`): the reply, the memory decision, the answer from memory."""
 
 
 def model_path() -> Path:
@@ -57,30 +60,45 @@ class LocalLLM:
     ) -> None:
         from llama_cpp import Llama
 
-        self.model = Llama(
-            model_path=str(path or model_path()),
-            n_ctx=CONTEXT_TOKENS,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=256,
-            chat_format=chat_format,
-            verbose=False,
-        )
-        # A second context on the same weights (mmap: shared pages) for the memory decision: its few-shot prompt
-        # stays in this context's KV cache, so each decision evaluates only the user's words. In the reply's context
-        # the reply prompt would evict it every turn (measured: 1-5 s to re-read ~250 tokens on a busy 2-core box).
-        self.memory_model = Llama(
-            model_path=str(path or model_path()),
-            n_ctx=MEMORY_CONTEXT_TOKENS,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=256,
-            chat_format=chat_format,
-            verbose=False,
-        )
+        def context(n_ctx: int) -> Any:
+            return Llama(
+                model_path=str(path or model_path()),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=256,
+                chat_format=chat_format,
+                verbose=False,
+            )
+
+        # One llama.cpp context per kind of prompt, over the same weights (mmap: shared pages), each with its own
+        # lock. llama_cpp keeps a context's KV cache and re-evaluates only what follows the longest common prefix
+        # of the last prompt, so each kind keeps its unchanging head cached: the memory decision's and the answer
+        # step's few-shot prompts (~250 tokens each) are read once, not every turn. In one shared context the reply
+        # prompt evicted them every turn (measured: 1-5 s to re-read ~250 tokens on a busy 2-core box). Own locks
+        # let the memory decision run beside the reply (`server.chat_completions`).
+        self.contexts: dict[str, Any] = {
+            REPLY: context(CONTEXT_TOKENS),
+            MEMORY: context(SMALL_CONTEXT_TOKENS),
+            ANSWER: context(SMALL_CONTEXT_TOKENS),
+        }
+        self._locks = {name: threading.Lock() for name in self.contexts}
+        self._grammars: dict[str, Any] = {}
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        return self.contexts[REPLY]
+
+    def _grammar(self, gbnf: str | None) -> Any:
+        if gbnf is None:
+            return None
+        if gbnf not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            self._grammars[gbnf] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return self._grammars[gbnf]
 
     def _run(
         self,
@@ -90,9 +108,12 @@ class LocalLLM:
         emit: Any,
         stop: threading.Event,
         temperature: float,
+        context: str,
+        grammar: str | None,
     ) -> None:
-        with self._lock:
-            stream = self.model.create_chat_completion(
+        model = self.contexts[context]
+        with self._locks[context]:
+            stream = model.create_chat_completion(
                 messages=list(messages),
                 stream=True,
                 max_tokens=max_tokens,
@@ -101,6 +122,7 @@ class LocalLLM:
                 # no repeat penalty: llama.cpp applies it to the prompt's last tokens too, which hold the
                 # remembered facts (SmolLM2 named a remembered colour 3-5 in 6 with 1.15, 3-6 in 6 without)
                 repeat_penalty=1.0,
+                grammar=self._grammar(grammar),
             )
             generated = 0  # this run's tokens (gen counts every attempt's, for usage)
             for chunk in stream:
@@ -117,19 +139,27 @@ class LocalLLM:
                     emit(text)
                 if choice.get("finish_reason"):
                     gen.finish_reason = str(choice["finish_reason"])
-            gen.prompt_tokens = max(0, int(self.model.n_tokens) - generated)
+            gen.prompt_tokens = max(0, int(model.n_tokens) - generated)
 
     def _json(self, messages: Sequence[dict[str, str]], schema: dict[str, Any], max_tokens: int) -> str:
-        with self._lock:
+        with self._locks[MEMORY]:
             # llama.cpp's grammar-constrained sampling: llama_cpp builds a GBNF grammar from the JSON schema
             # (its json_schema_to_grammar port), so whatever the model picks is valid JSON of that schema.
-            out: Any = self.memory_model.create_chat_completion(
+            out: Any = self.contexts[MEMORY].create_chat_completion(
                 messages=list(messages),
                 max_tokens=max_tokens,
                 temperature=0.0,
                 response_format={"type": "json_object", "schema": schema},
             )
             return str(out["choices"][0]["message"]["content"] or "")
+
+    def warm(self, prompts: dict[str, Sequence[dict[str, str]]]) -> None:
+        """Reads each context's fixed prompt head once at start-up (one token generated), so the first memory
+        decision or answer does not pay for it: measured 5.5 s for the first memory decision after a restart on a
+        busy box, ~1 s after."""
+        for name, messages in prompts.items():
+            with self._locks[name]:
+                self.contexts[name].create_chat_completion(messages=list(messages), max_tokens=1, temperature=0.0)
 
     async def complete_json(
         self, messages: Sequence[dict[str, str]], schema: dict[str, Any], *, max_tokens: int = 64
@@ -145,8 +175,11 @@ class LocalLLM:
         max_tokens: int | None = None,
         gen: Generation,
         temperature: float | None = None,
+        context: str = REPLY,
+        grammar: str | None = None,
     ) -> AsyncGenerator[str, None]:
-        """The reply's text pieces as the model writes them; `gen` holds the counts when the iterator ends."""
+        """The reply's text pieces as the model writes them, in the llama.cpp `context` named (`REPLY` or `ANSWER`),
+        optionally under a GBNF `grammar`; `gen` holds the counts when the iterator ends."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         stop = threading.Event()
@@ -157,7 +190,16 @@ class LocalLLM:
 
         def work() -> None:
             try:
-                self._run(messages, limit, gen, emit, stop, self.temperature if temperature is None else temperature)
+                self._run(
+                    messages,
+                    limit,
+                    gen,
+                    emit,
+                    stop,
+                    self.temperature if temperature is None else temperature,
+                    context,
+                    grammar,
+                )
             except BaseException as e:  # handed to the awaiting side
                 emit(e)
             finally:

@@ -21,14 +21,20 @@ import numpy as np
 from aiohttp import web
 
 from .chat import (
+    ANSWER_GRAMMAR,
+    ANSWER_INSTRUCTIONS,
     MEMORY_SCHEMA,
     BadRequest,
     Hygiene,
     ToolSpec,
+    about_user,
     after_memory_call,
+    answer_request,
+    borrowed_words,
     condense,
     content_text,
     grounded,
+    known_facts,
     last_turn_is_user,
     memory_blocks,
     memory_call,
@@ -42,7 +48,7 @@ from .chat import (
 )
 from .embed import DIMENSIONS
 from .embed import MODEL_NAME as EMBEDDING_MODEL
-from .llm import CONTEXT_TOKENS, MODEL_ID, Generation
+from .llm import ANSWER, CONTEXT_TOKENS, MODEL_ID, REPLY, Generation
 
 logger = logging.getLogger("localmodels")
 
@@ -55,6 +61,8 @@ class ChatModel(Protocol):
         max_tokens: int | None = None,
         gen: Generation,
         temperature: float | None = None,
+        context: str = REPLY,
+        grammar: str | None = None,
     ) -> AsyncGenerator[str, None]: ...
 
     async def complete_json(
@@ -84,19 +92,55 @@ and generated again, warmer; the last attempt sees only the system prompt and th
 reply in the history made SmolLM2 answer the next turn in French or Spanish 4 times in 5)."""
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is asked for a reply, and where: the messages, the llama.cpp context, an optional grammar,
+    and the text the reply must not recite (`Hygiene`; by default the messages' system prompt)."""
+
+    messages: list[dict[str, str]]
+    context: str = REPLY
+    grammar: str | None = None
+    instructions: str | None = None
+    borrowed: frozenset[str] = frozenset()
+
+
+def reply_prompt(condensed: list[dict[str, str]], human: str | None, user_text: str | None) -> Prompt:
+    """The answer step for a question about the user when memory holds facts (`answer_request`: the facts in the
+    second person, few-shot, one sentence under `ANSWER_GRAMMAR`, in its own context); else the condensed prompt."""
+    facts = known_facts(human or "")
+    if facts and user_text and about_user(user_text, facts):
+        return Prompt(
+            answer_request(facts, user_text),
+            ANSWER,
+            ANSWER_GRAMMAR,
+            ANSWER_INSTRUCTIONS,
+            borrowed_words(facts, user_text),
+        )
+    return Prompt(condensed)
+
+
 async def spoken_reply(
-    chat: ChatModel, prompt: list[dict[str, str]], max_tokens: int | None, gen: Generation
+    chat: ChatModel, prompt: list[dict[str, str]] | Prompt, max_tokens: int | None, gen: Generation
 ) -> AsyncIterator[str]:
     """The model's reply, a checked sentence at a time (`Hygiene`): no recital of the system prompt, English, at
     most two sentences. Sentences are what the TTS starts on, so holding a sentence back until it is checked costs
     the voice nothing."""
-    system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+    p = prompt if isinstance(prompt, Prompt) else Prompt(prompt)
+    msgs = p.messages
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else ""
     for attempt, temperature in enumerate(RETRY_TEMPERATURES):
-        h = Hygiene(system)
+        h = Hygiene(system if p.instructions is None else p.instructions, p.borrowed)
         last = attempt == len(RETRY_TEMPERATURES) - 1
-        messages = [prompt[0], prompt[-1]] if last and len(prompt) > 2 and system else prompt
+        messages = [msgs[0], msgs[-1]] if last and len(msgs) > 2 and system and p.context == REPLY else msgs
         async with contextlib.aclosing(
-            chat.stream(messages, max_tokens=max_tokens, gen=gen, temperature=temperature)
+            chat.stream(
+                messages,
+                max_tokens=max_tokens,
+                gen=gen,
+                temperature=temperature,
+                context=p.context,
+                grammar=p.grammar,
+            )
         ) as pieces:
             async for piece in pieces:
                 for sentence in h.feed(piece):
@@ -229,17 +273,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "system"
     )
     human = memory_blocks(system_text).get("human")
+    said = last_turn_is_user(messages)
+    asked = reply_prompt(prompt, human, said)
     # The memory step: for a Letta agent (memory blocks) that offers a memory tool, when the request ends with the
-    # user's words (not a tool result), the model is asked after its reply whether to remember something.
+    # user's words (not a tool result) and they are not a question, the model is asked whether to remember
+    # something - on its own llama.cpp context, beside the reply, so it is ready when the reply's text is.
     mtool = memory_tool(tools) if tool is None and human is not None and models.memory else None
-    user_text = last_turn_is_user(messages) if mtool is not None else None
-    if user_text and not memory_due(user_text):
-        user_text = None
+    user_text = said if mtool is not None and said and memory_due(said) else None
     done_already = tool is None and after_memory_call(messages)
     logger.info(
-        "chat: %d messages -> %d condensed, tool %s, memory step %s, stream %s",
+        "chat: %d messages -> %d condensed, %s, tool %s, memory step %s, stream %s",
         len(messages),
         len(prompt),
+        "answer from memory" if asked.context == ANSWER else "reply",
         tool and tool.name,
         bool(user_text),
         stream,
@@ -249,7 +295,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if done_already:
             return  # the reply went out with the memory call; an empty answer ends Letta's turn
         first = True
-        async for sentence in spoken_reply(chat, prompt, max_tokens, gen):
+        async for sentence in spoken_reply(chat, asked, max_tokens, gen):
             yield sentence if first else " " + sentence
             first = False
 
@@ -261,8 +307,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return (mtool, args) if args else None
 
     if not stream:
-        text = "".join([piece async for piece in reply()]).strip()
-        remember = await memory_args() if text else None
+        async with asyncio.TaskGroup() as tg:
+            decision = tg.create_task(memory_args())
+            text = "".join([piece async for piece in reply()]).strip()
+            remember = await decision if text else None
         _log_done(gen)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = gen.finish_reason
@@ -313,21 +361,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     await send({"role": "assistant", "content": "" if tool is None else None})
     pieces: list[str] = []
-    async for piece in reply():
-        if tool is None:
-            await send({"content": piece})
-        pieces.append(piece)
-    if tool is None:
-        remember = await memory_args() if pieces else None
-        _log_done(gen)
-        if remember is None:
-            await send({}, gen.finish_reason)
-        else:
-            await send_call(_call(*remember))
-            await send({}, "tool_calls")
-    else:
-        _log_done(gen)
+    async with asyncio.TaskGroup() as tg:
+        decision = tg.create_task(memory_args())  # beside the reply; cancelled if the client goes away
+        async for piece in reply():
+            if tool is None:
+                await send({"content": piece})
+            pieces.append(piece)
+        remember = await decision if pieces else None
+    _log_done(gen)
+    if tool is not None:
         await send_call(_tool_call(tool, "".join(pieces).strip()))
+        await send({}, "tool_calls")
+    elif remember is None:
+        await send({}, gen.finish_reason)
+    else:
+        await send_call(_call(*remember))
         await send({}, "tool_calls")
     if include_usage:
         usage_chunk = {

@@ -1,12 +1,14 @@
 """The conversation-quality score of the offline default, per model, through the real stack (issue 14).
-  eval "$(scripts/stack --profile test env)"; scripts/score-conversations [ID=GGUF ...] [--no-memory-step]
+  eval "$(scripts/stack --profile test env)"; scripts/score-conversations [ID=GGUF ...] [--no-memory-step] [--recall N]
 
 For each model (default: the packaged one; `ID=PATH` serves another GGUF under that id) it starts a local model
 server (the localmodels venv, 1 llama.cpp thread, its own port), points the `sg-local-models` BYOK provider of the
 stack's Letta at it, creates a throw-away Letta agent on it and plays tests/support/conversations.py: each session a
 new Letta conversation of that agent (a hang-up: in-session history gone, memory blocks kept). Prints every reply,
 the rule score per model, the `human` block at the end, the first-token latency through Letta and the model server's
-own numbers (prompt tokens, first token, tokens/s from its `chat done` lines). Asserts nothing.
+own numbers (prompt tokens, first token, tokens/s from its `chat done` lines), then `--recall N` times (default
+10) issue 14's own check on a fresh agent: "My favorite color is blue.", a new conversation, "What is my favorite
+color?" - whether the answer says blue and the `human` block holds it. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from letta_client import Letta
+from letta_client.types import AgentState
 
 from localmodels.chat import FRAME, STYLE
 from localmodels.paths import ROOT, venv_path
@@ -32,7 +35,7 @@ from perf.exit import exit_process
 from perf.procs import loadavg
 from perf.stack import free_port
 from sgapp.letta_admin import DEFAULT_HUMAN, DEFAULT_PERSONA, LOCAL_MODEL
-from tests.support.conversations import RULES, SESSIONS, Judge, Score, count, summary
+from tests.support.conversations import RULES, SESSIONS, Judge, Score, count, summary, words
 from tests.support.voice import ensure_local_provider
 
 SCORE_PROVIDER = "sg-score-models"
@@ -49,6 +52,8 @@ class Result:
     first_token_s: list[float] = field(default_factory=list)
     human_block: str = ""
     server: dict[str, list[float]] = field(default_factory=dict)
+    recall: list[tuple[bool, bool, str]] = field(default_factory=list)
+    """Per recall run: the new session's answer says blue, the `human` block holds blue, the answer."""
 
 
 def start_server(
@@ -101,8 +106,42 @@ def say(letta: Letta, conversation: str, text: str) -> tuple[str, float | None]:
     return "".join(pieces).strip(), first
 
 
+def new_agent(letta: Letta, handle: str, emb: str, model_id: str) -> AgentState:
+    return letta.agents.create(
+        name=f"score-{re.sub(r'[^A-Za-z0-9_-]', '-', model_id)}-{uuid.uuid4().hex[:6]}",
+        model=handle,
+        embedding=emb,
+        memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
+        tags=["session-guard-test"],
+    )
+
+
+RECALL_FACT = "My favorite color is blue."
+RECALL_QUESTION = "What is my favorite color?"
+
+
+def recall_run(letta: Letta, handle: str, emb: str, model_id: str) -> tuple[bool, bool, str]:
+    """Issue 14's own test, on a fresh agent: the fact in one conversation, the question in a new one (a hang-up
+    between them: only Letta's memory carries it)."""
+    agent = new_agent(letta, handle, emb, model_id)
+    try:
+        say(letta, letta.conversations.create(agent_id=agent.id).id, RECALL_FACT)
+        block = next(str(b.value) for b in letta.agents.blocks.list(agent.id) if b.label == "human")
+        answer, _ = say(letta, letta.conversations.create(agent_id=agent.id).id, RECALL_QUESTION)
+    finally:
+        letta.agents.delete(agent.id)
+    return "blue" in words(answer), "blue" in words(block), answer
+
+
 def run_model(
-    letta: Letta, letta_url: str, model_id: str, gguf: Path | None, memory: bool, tmp: Path, chat_format: str | None
+    letta: Letta,
+    letta_url: str,
+    model_id: str,
+    gguf: Path | None,
+    memory: bool,
+    tmp: Path,
+    chat_format: str | None,
+    recall_runs: int,
 ) -> Result:
     log = tmp / f"localmodels-{model_id}.log"
     proc, url = start_server(model_id, gguf, memory, log, chat_format)
@@ -111,14 +150,8 @@ def run_model(
     try:
         ensure_local_provider(letta_url, url, SCORE_PROVIDER)
         handle = next(m.handle for m in letta.models.list() if m.model == SCORE_PREFIX + model_id and m.handle)
-        emb = next(e.handle for e in letta.models.embeddings.list() if (e.handle or "").startswith(SCORE_PROVIDER))
-        agent = letta.agents.create(
-            name=f"score-{re.sub(r'[^A-Za-z0-9_-]', '-', model_id)}-{uuid.uuid4().hex[:6]}",
-            model=handle,
-            embedding=emb,
-            memory_blocks=[{"label": "human", "value": DEFAULT_HUMAN}, {"label": "persona", "value": DEFAULT_PERSONA}],
-            tags=["session-guard-test"],
-        )
+        emb = next(e.handle for e in letta.models.embeddings.list() if e.handle and e.handle.startswith(SCORE_PROVIDER))
+        agent = new_agent(letta, handle, emb, model_id)
         agent_id = agent.id
         judge = Judge([DEFAULT_PERSONA, DEFAULT_HUMAN, agent.system or "", FRAME, STYLE])
         for n, session in enumerate(SESSIONS, 1):
@@ -133,6 +166,13 @@ def run_model(
                 fails = ",".join(r for r in RULES if not s.passed[r]) or "ok"
                 print(f"  [{ex.kind:17}] {ex.say!r} -> {reply!r}  ({fails})")
         res.human_block = next(b.value for b in letta.agents.blocks.list(agent_id) if b.label == "human")
+        for n in range(recall_runs):
+            said, held, answer = recall_run(letta, handle, emb, model_id)
+            res.recall.append((said, held, answer))
+            print(
+                f"  [recall {n + 1:2}/{recall_runs}] {RECALL_FACT!r}, new session, {RECALL_QUESTION!r} -> {answer!r}"
+                f" (says blue: {said}, block holds blue: {held})"
+            )
     finally:
         if agent_id is not None:
             letta.agents.delete(agent_id)
@@ -163,6 +203,13 @@ def main() -> int:
         "without a chat template, e.g. gemma",
     )
     ap.add_argument("--no-memory-step", action="store_true")
+    ap.add_argument(
+        "--recall",
+        type=int,
+        default=10,
+        metavar="N",
+        help="recall runs per model (fresh agent: the fact, a new conversation, the question); default 10",
+    )
     args = ap.parse_args()
     letta_url = os.environ.get("LETTA_BASE_URL")
     if not letta_url:
@@ -183,7 +230,7 @@ def main() -> int:
     for mid, path, fmt in models:
         print(f"== {mid} ({path or 'packaged'}{', chat format ' + fmt if fmt else ''})")
         try:
-            results.append(run_model(letta, letta_url, mid, path, not args.no_memory_step, tmp, fmt))
+            results.append(run_model(letta, letta_url, mid, path, not args.no_memory_step, tmp, fmt, args.recall))
         except Exception as e:  # one model failing must not lose the others' scores
             print(f"  {mid} failed: {type(e).__name__}: {e}")
     print(f"\nload after: {loadavg()}")
@@ -203,6 +250,14 @@ def main() -> int:
         for sc in r.scores:
             kinds.setdefault(sc.exchange.kind, []).append(sc.ok)
         print(f"  {r.model}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in kinds.items()))
+    print(f"\nrecall across sessions ({RECALL_FACT!r}, hang up, {RECALL_QUESTION!r}; a fresh agent each run):")
+    for r in results:
+        said = sum(x[0] for x in r.recall)
+        held = sum(x[1] for x in r.recall)
+        print(
+            f"  {r.model}: the answer says blue {said}/{len(r.recall)}, "
+            f"the human block holds blue {held}/{len(r.recall)}"
+        )
     print("\nspeed (medians; 1 llama.cpp thread):")
     for r in results:
         sv = r.server

@@ -5,8 +5,10 @@
 - `local` (default without a key): offline models shipped in registry packages, nothing downloaded -
   `WhisperSTT` (whisper tiny.en, faster-whisper) and `PiperTTS` (piper en_US-joe-medium) from
   livekit.plugins.offline; Letta runs on the local model server (localmodels/, SmolLM2-135M-Instruct), which
-  after each reply asks the model, under a JSON-schema grammar, whether the user said something worth remembering,
-  and if so calls Letta's own `memory_insert` on the `human` block.
+  beside each reply asks the model, under a JSON-schema grammar, whether the user said something worth remembering,
+  and if so calls Letta's own `memory_insert` on the `human` block; a question about the user is answered by the
+  model from that block (a few-shot answer step). Silero's end-of-speech silence is shorter for these
+  (`LOCAL_MIN_SILENCE_S`).
 - `test`: STT/TTS by livekit-plugins-openai against the deterministic test provider (testprovider/), which scripts
   what the tests assert on. Only the test stack uses it.
 
@@ -51,15 +53,26 @@ class ProcessModels:
     offline: offline.OfflineModels | None = None
 
 
-def load_vad() -> vad.VAD:
+LOCAL_MIN_SILENCE_S = 0.35
+"""Silero's end-of-speech silence for the local models (Silero's default: 0.55 s). Whisper is not streaming: it
+starts on the utterance only when the VAD says the speech ended, so this silence is paid in full before the STT even
+starts. The turn itself still ends no sooner than the session's endpointing delay (0.5 s after the last speech, the
+framework's default); speech that resumes within it continues the same turn, its transcript appended. Measured
+(docs/benchmarks.md): the final transcript ~0.2 s sooner."""
+
+
+def load_vad(min_silence_duration: float | None = None) -> vad.VAD:
     """Silero's ONNX model ships in the wheel: loads offline. Called once per job process (prewarm)."""
-    return silero.VAD.load()
+    if min_silence_duration is None:
+        return silero.VAD.load()
+    return silero.VAD.load(min_silence_duration=min_silence_duration)
 
 
 def load_models(settings: Settings) -> ProcessModels:
     local = settings.provider == "local"
     return ProcessModels(
-        vad=load_vad(), offline=offline.OfflineModels.load(threads=settings.offline_model_threads) if local else None
+        vad=load_vad(LOCAL_MIN_SILENCE_S if local else None),
+        offline=offline.OfflineModels.load(threads=settings.offline_model_threads) if local else None,
     )
 
 

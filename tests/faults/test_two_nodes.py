@@ -2,8 +2,9 @@
 one agent name, one connected to each node.
 
 - one node stopped: new rooms, created through the other node, are served by the workers still registered;
-- a worker stopped while it holds rooms: measured what happens to those rooms (does LiveKit dispatch them again to
-  the other worker, and when), and that new rooms still get an agent.
+- a worker stopped (SIGTERM) or killed (SIGKILL) while it holds rooms: the other worker takes those rooms over in
+  place and their conversations go on (issue 12; LiveKit alone never dispatches them again), and new rooms still get
+  an agent.
 """
 
 from __future__ import annotations
@@ -144,25 +145,20 @@ async def test_worker_stopped_while_holding_rooms(
             os.killpg(a.proc.proc.pid, signal.SIGKILL)  # the worker and its job processes
             await asyncio.to_thread(a.proc.proc.wait, 10)
 
-        async def agents_gone() -> bool:
-            return all(h.agent() is None for h in held)
+        # The rooms worker A held are taken over in place by worker B (issue 12): its lease ran out (SIGKILL) or A
+        # handed it over (SIGTERM); the watcher or the handoff dispatched B into the same room.
+        async def taken_over() -> bool:
+            return all([await serving([b], h.identity) is b for h in held])
 
-        await wait_for(agents_gone, 60, "the stopped worker's agents to leave their rooms", interval=0.1)
-        cost["agents_left_rooms_after_s"] = time.monotonic() - t0
-
-        # Does LiveKit dispatch those rooms again (to worker B)? Watch for 20 s.
-        redispatched_after: float | None = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if any(h.agent() is not None for h in held):
-                redispatched_after = time.monotonic() - t0
-                break
-            await asyncio.sleep(0.2)
-        cost["held_rooms_redispatched"] = redispatched_after is not None
-        cost["held_rooms_redispatched_after_s"] = redispatched_after
-        cost["held_rooms_with_agent_after_20s"] = sum(1 for h in held if h.agent() is not None)
+        await wait_for(taken_over, 60, "worker B to take over every room worker A held", interval=0.1)
+        cost["held_rooms_taken_over_after_s"] = time.monotonic() - t0
         connected = rtc.ConnectionState.CONN_CONNECTED
         cost["held_rooms_humans_still_connected"] = sum(1 for h in held if h.room.connection_state == connected)
+        assert cost.values["held_rooms_humans_still_connected"] == len(held)
+        for h in held:
+            reply = await h.ask("after", timeout=60, expect="after")
+            assert reply.startswith("You said: after.") and "(turn 2)" in reply, f"the conversation went on: {reply!r}"
+        cost["held_rooms_answered_after_s"] = time.monotonic() - t0
 
         # New rooms still get an agent (worker B).
         t_new = time.monotonic()
@@ -172,7 +168,7 @@ async def test_worker_stopped_while_holding_rooms(
         assert await serving([b], dave.identity) is b
         cost["new_room_answered_after_s"] = time.monotonic() - t0
         cost["new_room_join_to_answer_s"] = time.monotonic() - t_new
-        cost["sessions_lost"] = len(held) if redispatched_after is None else 0
+        cost["sessions_lost"] = 0
 
         # No data lost: every conversation is retired once everyone hung up, the stopped worker's included (at its
         # shutdown after SIGTERM; after SIGKILL, from the journal by worker B's next job: the workers share one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from typing import Any
@@ -160,3 +161,21 @@ def test_the_human_blocks_placeholder_goes_once_facts_are_there() -> None:
     assert "Nothing is known about the user yet." in empty
     known = letta_system({"human": "Nothing is known about the user yet.\nThe user's favorite color is blue."})
     assert "Nothing is known" not in known and "The user's favorite color is blue." in known
+
+
+def test_old_turns_leave_two_exchanges_at_a_time_so_the_prompt_head_repeats() -> None:
+    """llama_cpp reuses the KV cache up to the first token that differs from the previous prompt: a window that
+    slides every turn changes the prompt right after the system message every turn."""
+    history: list[dict[str, str]] = []
+    prompts = []
+    for i in range(8):
+        history.append({"role": "user", "content": f"question {i}"})
+        prompts.append(condense([{"role": "system", "content": "Be brief."}, *history]))
+        history.append({"role": "assistant", "content": f"answer {i}"})
+    firsts = [p[1]["content"] for p in prompts]
+    assert firsts == ["question 0"] * 3 + ["question 2"] * 2 + ["question 4"] * 2 + ["question 6"]
+    assert all(len(p) <= 1 + 6 and p[-1]["role"] == "user" for p in prompts)
+    # each prompt of the same head extends the previous one: only the new turns are evaluated
+    for a, b in itertools.pairwise(prompts):
+        if a[1] == b[1]:
+            assert b[: len(a)] == a

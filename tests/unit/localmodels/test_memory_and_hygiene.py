@@ -6,17 +6,25 @@ import json
 from typing import Any
 
 from localmodels.chat import (
+    ANSWER_EXAMPLES,
+    ANSWER_INSTRUCTIONS,
+    EXAMPLE_MARKERS,
     FACT_PREFIX,
     MEMORY_SCHEMA,
     Hygiene,
     ToolSpec,
+    about_user,
     after_memory_call,
+    answer_request,
+    borrowed_words,
+    known_facts,
     last_turn_is_user,
     memory_call,
     memory_request,
     memory_tool,
     parse_fact,
     parse_tools,
+    second_person,
 )
 
 INSERT = {
@@ -143,3 +151,71 @@ def test_a_reply_in_another_language_is_caught() -> None:
     h = Hygiene(SYSTEM)
     assert feed_all(h, ["Paris is the capital of France."]) == ["Paris is the capital of France."]
     assert feed_all(Hygiene(SYSTEM), ["Good morning!"]) == ["Good morning!"]
+
+
+# --- the answer step: a question about the user, answered from the memory text ---------------------------------------
+
+
+def test_facts_are_the_human_blocks_lines_without_its_placeholder() -> None:
+    block = "Nothing is known about the user yet.\nThe user's name is Alex.\n\nThe user loves blue."
+    assert known_facts(block) == ["The user's name is Alex.", "The user loves blue."]
+    assert known_facts("Nothing is known about the user yet.") == []
+
+
+def test_facts_are_shown_in_the_second_person_with_the_verb_agreeing() -> None:
+    assert second_person("The user's name is Alex.") == "Your name is Alex."
+    assert second_person("The user prefers blue over any other color.") == "You prefer blue over any other color."
+    assert second_person("The user has a dog named Max.") == "You have a dog named Max."
+    assert second_person("The user is a nurse.") == "You are a nurse."
+    assert second_person("The user watches films and the user's dog barks.") == "You watch films and your dog barks."
+    assert second_person("The user studies math.") == "You study math."
+    assert second_person("Likes tea.") == "Likes tea."  # a line Letta or a person wrote otherwise stays as it is
+
+
+def test_only_questions_about_the_user_go_to_the_answer_step() -> None:
+    facts = [
+        "The user prefers blue over any other color.",
+        "The user works as a nurse.",
+        "The user has a dog named Max.",
+    ]
+    for q in (
+        "What is my favorite color?",
+        "What is my job?",
+        "What do I do for work?",
+        "What do you know about me?",
+        "Do you remember my name?",
+        "What is my dog's name?",
+    ):
+        assert about_user(q, facts), q
+    for q in (
+        "What is the capital of France?",
+        "How are you today?",
+        "My name is Alex.",
+        "Can you tell me a fun fact about cats?",
+        "What should I cook for dinner tonight?",
+        "Can you help me?",
+    ):
+        assert not about_user(q, facts), q
+
+
+def test_the_answer_prompt_keeps_its_few_shot_head_and_ends_with_the_facts_and_the_question() -> None:
+    a = answer_request(["The user loves blue."], "What is my favorite color?")
+    b = answer_request(["The user's name is Alex.", "The user loves blue."], "What is my name?")
+    assert a[:-1] == b[:-1]  # the unchanging head stays in the answer context's KV cache
+    assert a[0] == {"role": "system", "content": ANSWER_INSTRUCTIONS}
+    assert a[-1] == {"role": "user", "content": "What you know: You love blue.\nQuestion: What is my favorite color?"}
+    assert b[-1]["content"].startswith("What you know: Your name is Alex. You love blue.\n")
+    # the examples' facts are made up and share nothing with a real user's
+    assert "blue" not in " ".join(m["content"] for m in a[:-1]).lower()
+
+
+def test_an_answer_borrowing_an_examples_made_up_fact_is_dropped() -> None:
+    examples = " ".join(f"{k} {q} {a}" for k, q, a in ANSWER_EXAMPLES).lower()
+    assert all(m in examples for m in EXAMPLE_MARKERS)
+    borrowed = borrowed_words(["The user prefers blue over any other color."], "What is my favorite color?")
+    h = Hygiene(ANSWER_INSTRUCTIONS, borrowed)
+    assert h.feed("You prefer blue and you have a sister named Ana. ") == [] and h.recital
+    h = Hygiene(ANSWER_INSTRUCTIONS, borrowed)
+    assert h.feed("Yes, you prefer blue. ") == ["Yes, you prefer blue."] and not h.recital
+    # the user's own cats are not borrowed
+    assert "cats" not in borrowed_words(["The user has two cats."], "Do you remember my pets?")

@@ -268,3 +268,25 @@ async def test_a_stated_fact_comes_back_as_a_memory_insert_call_with_the_reply(s
     async with aiohttp.ClientSession() as s, s.post(f"{server}/v1/chat/completions", json=req3) as r:
         body = await r.json()
     assert body["choices"][0]["message"]["content"].strip() and "tool_calls" not in body["choices"][0]["message"]
+
+
+async def test_a_question_about_the_user_is_answered_from_the_human_block(server: str) -> None:
+    """A new session (no history) asks about a fact Letta's `human` block holds: the answer step (few-shot, the facts
+    in the second person, one sentence under a grammar) makes the model answer from it. Measured: 78 of 80 answers
+    named the fact over 8 blocks of 1-4 facts, 40 of 40 with one fact (docs/design-notes.md)."""
+    system = LETTA_LIKE_SYSTEM.replace(
+        "Nothing is known about the user yet.\n", "Nothing is known about the user yet.\nThe user loves blue.\n"
+    )
+    ask = [{"role": "system", "content": system}, {"role": "user", "content": "What is my favorite color?"}]
+    req = {"model": LOCAL_MODEL, "messages": ask, "tools": [MEMORY_INSERT], "tool_choice": "auto"}
+    for _ in range(3):
+        async with aiohttp.ClientSession() as s, s.post(f"{server}/v1/chat/completions", json=req) as r:
+            body = await r.json()
+        message = body["choices"][0]["message"]
+        assert "blue" in message["content"].lower() and "tool_calls" not in message, message
+        assert "the user" not in message["content"].lower(), message  # said to the user, not the block's line
+    # the answer follows the block, not the model's own taste (SmolLM2 says "blue" unprompted 3 times in 20)
+    ask[0]["content"] = system.replace("loves blue", "loves green")
+    async with aiohttp.ClientSession() as s, s.post(f"{server}/v1/chat/completions", json=req) as r:
+        body = await r.json()
+    assert "green" in body["choices"][0]["message"]["content"].lower(), body

@@ -13,7 +13,7 @@ import pytest
 from livekit.agents import llm
 from livekit.plugins.session_guard.cluster.keys import Keys, ResumeIntent
 from livekit.plugins.session_guard.cluster.options import ClusterOptions
-from livekit.plugins.session_guard.cluster.ownership import Change, RoomOwnership
+from livekit.plugins.session_guard.cluster.ownership import Change, RoomOwnership, owner_client_name
 from livekit.plugins.session_guard.resume import ResumeState
 from redis.asyncio import Redis
 
@@ -72,7 +72,9 @@ async def test_one_owner_and_fenced_writes(server: RedisServer, redis: Redis) ->
     a, b = job(server, "job-a"), job(server, "job-b")
     try:
         assert await a.claim(ResumeIntent())
+        renewing = asyncio.create_task(a.run())
         assert not await b.claim(ResumeIntent()), "a second job must not own a room with a live owner"
+        renewing.cancel()
         await a.save(state("alice"))
         raw = await redis.hget(Keys("ns").sessions(ROOM), "alice")
         assert raw is not None and b'"session_id":"sid-alice"' in raw
@@ -83,6 +85,27 @@ async def test_one_owner_and_fenced_writes(server: RedisServer, redis: Redis) ->
         await a.finish(parked=False)
         await b.finish(parked=False)
     assert await redis.get(Keys("ns").lease(ROOM)) is None
+
+
+async def test_a_new_call_waits_for_the_ending_owner_to_let_go(server: RedisServer, redis: Redis) -> None:
+    """The last human hung up and the same room name is called again at once: the new job waits (up to one ttl) for
+    the ending job's lease instead of leaving the caller without an agent."""
+    a, b = job(server, "job-a", lease_ttl=3.0, renew_interval=1.0), job(server, "job-b", lease_ttl=3.0)
+    try:
+        assert await a.claim(ResumeIntent())
+
+        async def ending_owner() -> None:
+            await asyncio.sleep(0.4)
+            await a.finish(parked=False)
+
+        ending = asyncio.create_task(ending_owner())
+        t0 = time.monotonic()
+        assert await b.claim(ResumeIntent())
+        await ending
+        print(f"\nclaimed {1000 * (time.monotonic() - t0):.0f} ms after the call, the old owner let go at 400 ms")
+    finally:
+        await a.finish(parked=False)
+        await b.finish(parked=False)
 
 
 async def test_takeover_after_a_stall_fences_the_old_owner(server: RedisServer, redis: Redis) -> None:
@@ -155,8 +178,10 @@ async def test_handoff_to_a_job_that_does_not_name_the_owner_is_refused(server: 
     a, b = job(server, "job-a"), job(server, "job-b", handoff_wait=0.3)
     try:
         assert await a.claim(ResumeIntent())
+        renewing = asyncio.create_task(a.run())
         assert not await b.claim(ResumeIntent(resume=True, handoff="1:someone-else"))
         assert a.owner
+        renewing.cancel()
     finally:
         await a.finish(parked=True)
         await b.finish(parked=True)
@@ -164,10 +189,20 @@ async def test_handoff_to_a_job_that_does_not_name_the_owner_is_refused(server: 
 
 async def test_racing_claims_make_exactly_one_owner(server: RedisServer, redis: Redis) -> None:
     jobs = [job(server, f"job-{i}") for i in range(8)]
+    holders: list[asyncio.Task[None]] = []
+
+    async def claim_and_hold(j: RoomOwnership) -> bool:
+        ok = await j.claim(ResumeIntent(resume=True))
+        if ok:
+            holders.append(asyncio.create_task(j.run()))  # a live owner renews
+        return ok
+
     try:
-        results = await asyncio.gather(*(j.claim(ResumeIntent(resume=True)) for j in jobs))
+        results = await asyncio.gather(*(claim_and_hold(j) for j in jobs))
         assert sum(results) == 1
     finally:
+        for t in holders:
+            t.cancel()
         for j in jobs:
             await j.finish(parked=True)
 
@@ -252,3 +287,26 @@ async def test_ended_room_leaves_no_sessions_but_stays_known(server: RedisServer
     assert await redis.zscore(k.rooms, ROOM) is None
     assert await redis.zscore(k.known, ROOM) is not None
     assert await redis.get(k.lease(ROOM)) is None
+
+
+async def test_a_live_owner_is_visible_by_its_client_name(server: RedisServer, redis: Redis) -> None:
+    """While an owner lives, a connection named after its job is open (its handoff listener); when the job's
+    process is gone, so is the name: the watcher's early sign of a dead owner."""
+    a = job(server, "job-a")
+
+    async def names() -> set[str]:
+        clients = await redis.client_list()
+        return {str(c.get("name", "")) for c in clients}
+
+    try:
+        assert await a.claim(ResumeIntent())
+        runner = asyncio.create_task(a.run())
+        async with asyncio.timeout(3):
+            while owner_client_name("job-a") not in await names():
+                await asyncio.sleep(0.05)
+        runner.cancel()
+    finally:
+        await a.finish(parked=True)
+    async with asyncio.timeout(3):
+        while owner_client_name("job-a") in await names():
+            await asyncio.sleep(0.05)

@@ -73,6 +73,9 @@ class RoomHygiene:
             )
             return
         logger.info("[SHUTDOWN] last human gone: deleting room %s and ending the job", room, extra={"room": room})
+        if self._guard.ownership is not None:
+            # let go of the room first: a call to the same room name right after gets a job that must own it
+            await self._guard.ownership.finish(parked=False)
         await self._ctx.delete_room()
         self._ctx.shutdown(reason="last human gone")
 

@@ -39,7 +39,7 @@ from .lease import RoomLease, parse_holder
 from .options import ClusterOptions
 from .store import FencedWrites
 
-__all__ = ["Change", "OwnershipChange", "RoomOwnership"]
+__all__ = ["Change", "OwnershipChange", "RoomOwnership", "owner_client_name"]
 
 _STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -54,6 +54,11 @@ class OwnershipChange:
     kind: Change
     detail: str
     """LOST: the job that holds the room now (or why); HANDOFF: the job taking over."""
+
+
+def owner_client_name(job_id: str) -> str:
+    """The Redis client name of a room owner's connections (``CLIENT LIST`` shows whether the job is alive)."""
+    return f"sg-owner:{job_id}"
 
 
 def _now_ms() -> int:
@@ -102,6 +107,10 @@ class RoomOwnership:
             socket_timeout=options.store_timeout,
             socket_connect_timeout=options.store_timeout,
             health_check_interval=0,
+            # every connection of this job carries its name: while the job lives, its handoff listener keeps one
+            # open, so the watcher can tell a dead owner (killed: the kernel closed its sockets) before its lease
+            # runs out (``owner_client_name``)
+            client_name=owner_client_name(job_id),
         )
         return cls(
             redis,
@@ -136,7 +145,7 @@ class RoomOwnership:
         lf.log_line(level, "CLUSTER", message, room=self.room, **fields)
 
     def _store_down(self, e: BaseException, doing: str) -> None:
-        if self.store_up:
+        if self.store_up and not self._finished:
             self.store_up = False
             self.outages += 1
             self._log(
@@ -172,9 +181,7 @@ class RoomOwnership:
             got_it = await self._wait_for_handoff(intent.handoff)
             if not got_it:
                 return False
-        elif not got.ok:
-            _, holder = parse_holder(got.value)
-            self._log(logging.WARNING, f"job {holder} owns this room (lease {got.value}): this job leaves")
+        elif not got.ok and not await self._wait_for_vacancy(got.value):
             return False
         await self._adopt_records()
         self._log(
@@ -184,6 +191,26 @@ class RoomOwnership:
             handoff=bool(intent.handoff),
         )
         return True
+
+    async def _wait_for_vacancy(self, value: str) -> bool:
+        """Another job holds the lease. It may be ending (the last human hung up and a new call came in to the same
+        room name): wait up to one lease ttl for it to let go or expire. A holder that keeps renewing is alive and
+        serves the room: this job leaves."""
+        try:
+            async with asyncio.timeout(self._opts.lease_ttl + self._opts.renew_interval):
+                while True:
+                    await asyncio.sleep(0.1)
+                    got = await self._lease.acquire()
+                    if got.ok:
+                        return True
+                    value = got.value
+        except TimeoutError:
+            pass
+        except _STORE_ERRORS as e:
+            self._store_down(e, "waiting for the room's lease")
+        _, holder = parse_holder(value)
+        self._log(logging.WARNING, f"job {holder} owns this room (lease {value}): this job leaves")
+        return False
 
     async def _wait_for_handoff(self, holder: str) -> bool:
         """A deploy: tell the old owner this job is ready, then take the lease as soon as it lets go."""
