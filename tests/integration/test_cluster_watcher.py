@@ -234,6 +234,11 @@ async def test_the_drain_handoff_dispatches_owned_rooms_and_waits_for_their_new_
     assert (r.rooms, r.handed_over, r.pending) == (1, 0, [lost.room_name])
     assert 0.45 < r.seconds < 1.5
 
+    # the framework's drain ended (its jobs are gone, or its timeout is up): nothing left to wait for
+    await redis.delete(k.dispatched(lost.room_name))
+    r = await hand_over(redis, lk, k, [(lost.room_name, "AJ_old2", "")], agent_name=name, wait=5.0, done=lambda: True)
+    assert (r.rooms, r.dispatched, r.pending) == (1, 1, [lost.room_name]) and r.seconds < 1.0
+
 
 async def test_the_cluster_view_shows_owners_and_sessions_but_never_the_chat(redis: Redis, name: str) -> None:
     k = Keys(namespace=name)

@@ -519,10 +519,12 @@ async def hand_over(
     poll: float = 0.1,
     dispatched_ttl: float = 8.0,
     metrics: WatcherMetrics | None = None,
+    done: Callable[[], bool] | None = None,
 ) -> HandoffResult:
     """Dispatch each room that one of ``jobs`` (room, job id, job metadata) owns to another worker, with
     ``ResumeIntent(resume=True, handoff=<lease value>)``, then wait up to ``wait`` seconds until each room's lease
-    names another job or nobody. The caller has already marked its worker as taking no jobs."""
+    names another job or nobody, or until ``done()`` says there is nothing left to wait for (the drain ended). The
+    caller has already marked its worker as taking no jobs."""
     t0 = time.monotonic()
     result = HandoffResult()
     wanted = [_Job(*j) for j in jobs]
@@ -558,7 +560,7 @@ async def hand_over(
     if pending and wait > 0:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                while pending:
+                while pending and not (done is not None and done()):
                     rooms = list(pending)
                     now = [_opt_str(v) for v in await redis.mget([keys.lease(r) for r in rooms])]
                     for room, value in zip(rooms, now, strict=True):
