@@ -325,7 +325,7 @@ async def test_an_owner_with_no_connection_to_redis_loses_its_lease_before_it_ru
         out = await w.scan_once()
         assert out.dispatched == [(dead.room_name, "no_owner")]
         assert await redis.get(k.lease(dead.room_name)) is None
-        assert await redis.get(k.lease(alive.room_name)) == b"8:AJ_alive"
+        assert await redis.get(k.lease(alive.room_name)) in ("8:AJ_alive", b"8:AJ_alive")
         assert not await ours(lk, alive.room_name, name)
     finally:
         await owner.aclose()
