@@ -20,7 +20,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ class Workers:
         self.started: list[FaultWorker] = []
 
     def start(
-        self, name: str, *, livekit_url: str | None = None, extra_env: dict[str, str | None] | None = None
+        self, name: str, *, livekit_url: str | None = None, extra_env: Mapping[str, str | None] | None = None
     ) -> FaultWorker:
         """A worker of this test (all share the test's agent name, so they form one pool); blocking."""
         env: dict[str, str | None] = {

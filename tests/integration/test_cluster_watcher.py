@@ -21,6 +21,7 @@ import pytest
 from livekit import api
 from livekit.agents import utils
 from livekit.plugins.session_guard.cluster.keys import Keys, read_intent
+from livekit.plugins.session_guard.cluster.ownership import owner_client_name
 from livekit.plugins.session_guard.cluster.watcher import (
     ClusterView,
     RedispatchWatcher,
@@ -234,6 +235,11 @@ async def test_the_drain_handoff_dispatches_owned_rooms_and_waits_for_their_new_
     assert (r.rooms, r.handed_over, r.pending) == (1, 0, [lost.room_name])
     assert 0.45 < r.seconds < 1.5
 
+    # the framework's drain ended (its jobs are gone, or its timeout is up): nothing left to wait for
+    await redis.delete(k.dispatched(lost.room_name))
+    r = await hand_over(redis, lk, k, [(lost.room_name, "AJ_old2", "")], agent_name=name, wait=5.0, done=lambda: True)
+    assert (r.rooms, r.dispatched, r.pending) == (1, 1, [lost.room_name]) and r.seconds < 1.0
+
 
 async def test_the_cluster_view_shows_owners_and_sessions_but_never_the_chat(redis: Redis, name: str) -> None:
     k = Keys(namespace=name)
@@ -293,3 +299,33 @@ async def test_redis_unreachable_is_logged_once_and_the_watcher_goes_on_when_it_
         await utils.aio.cancel_and_wait(task)
         await client.aclose()
         await asyncio.to_thread(server.stop)
+
+
+async def test_an_owner_with_no_connection_to_redis_loses_its_lease_before_it_runs_out(
+    stack: Stack, redis: Redis, lk: api.LiveKitAPI, name: str, humans: list[Human]
+) -> None:
+    """A killed owner's process has no connection to Redis any more (the kernel closed its sockets): after
+    ``owner_gone_after`` its lease is deleted and the room dispatched, long before the lease would run out. An owner
+    whose named connection is open keeps its room."""
+    k = Keys(namespace=name)
+    dead = await join(stack, humans, agent_name=name, dispatch=False)
+    alive = await join(stack, humans, agent_name=name, dispatch=False)
+    for h in (dead, alive):
+        await redis.hset(k.sessions(h.room_name), h.identity, saved(h.identity, h.room_name))
+        await redis.zadd(k.rooms, {h.room_name: 1})
+    await redis.set(k.lease(dead.room_name), "7:AJ_killed", px=60_000)
+    await redis.set(k.lease(alive.room_name), "8:AJ_alive", px=60_000)
+    owner = Redis.from_url(str(stack.redis_url), client_name=owner_client_name("AJ_alive"))
+    try:
+        await owner.ping()  # the live owner's connection, named as RoomOwnership names it
+        w = watcher(redis, lk, name)
+        assert await w.claim()
+        assert (await w.scan_once()).dispatched == [], "not at the first sight: it may be reconnecting"
+        await asyncio.sleep(FAST.owner_gone_after + 0.1)
+        out = await w.scan_once()
+        assert out.dispatched == [(dead.room_name, "no_owner")]
+        assert await redis.get(k.lease(dead.room_name)) is None
+        assert await redis.get(k.lease(alive.room_name)) in ("8:AJ_alive", b"8:AJ_alive")
+        assert not await ours(lk, alive.room_name, name)
+    finally:
+        await owner.aclose()

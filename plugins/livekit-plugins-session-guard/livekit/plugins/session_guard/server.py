@@ -541,9 +541,10 @@ class SessionGuardServer(HealthRoutesServer):
         if self.watcher is not None:
             await self.watcher.release()
 
-    async def hand_over(self) -> None:
+    async def hand_over(self, drained: Callable[[], bool] | None = None) -> None:
         """This worker's rooms to other workers (see the class docstring); once per worker, never raises. The
-        caller has marked the worker as taking no jobs."""
+        caller has marked the worker as taking no jobs; ``drained()`` True ends the wait early (the framework's drain
+        is over: its jobs ended, or its timeout is up)."""
         if self._handed_over or self._redis is None or self._lkapi is None:
             return
         self._handed_over = True
@@ -569,6 +570,7 @@ class SessionGuardServer(HealthRoutesServer):
                 wait=options.handoff_wait,
                 dispatched_ttl=options.dispatched_ttl,
                 metrics=self._watcher_metrics,
+                done=drained,
             )
         except failures as e:
             logger.warning(
@@ -585,7 +587,10 @@ class SessionGuardServer(HealthRoutesServer):
             r.handed_over,
             r.rooms,
             r.seconds,
-            f"; still here after {options.handoff_wait:g} s: {', '.join(r.pending)}" if r.pending else "",
+            f"; still owned here when the wait ended (bound {options.handoff_wait:g} s or the drain's end): "
+            f"{', '.join(r.pending)}"
+            if r.pending
+            else "",
             extra={"rooms": r.rooms, "handed_over": r.handed_over, "seconds": round(r.seconds, 3), "jobs": len(jobs)},
         )
 
@@ -597,7 +602,7 @@ class SessionGuardServer(HealthRoutesServer):
             async with asyncio.timeout(5):  # drain() flags the worker under the framework's lock, then waits
                 while not self.draining and not inner.done():  # noqa: ASYNC110 (the framework sets no event)
                     await asyncio.sleep(0.01)
-            await self.hand_over()
+            await self.hand_over(drained=inner.done)
         except BaseException:
             await utils.aio.cancel_and_wait(inner)
             raise

@@ -47,10 +47,17 @@ from livekit import api
 from livekit.protocol.models import ParticipantInfo
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..log import logger
 from .keys import Keys, ResumeIntent, app_metadata, with_intent
+from .ownership import owner_client_name
+
+# KEYS[1] a lease; ARGV[1] the value seen. 1: deleted (still that value); 0: it changed meanwhile.
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"""
 
 __all__ = [
     "REASONS",
@@ -91,6 +98,10 @@ class WatcherOptions:
     """Seconds between scans of the store (one Redis round trip each when no room lacks an owner)."""
     rooms_every: int = 4
     """LiveKit's room list is read every this many scans (2 s): dropped dispatches and rejoins."""
+    owner_gone_after: float = 1.5
+    """A room's owner with no connection to Redis this long (``CLIENT LIST``: its job's process was killed) loses its
+    lease at once rather than when the lease runs out. Longer than an owner's reconnect after a blip (its renew
+    interval, 1 s); a lost machine closes no connection, and there the lease's ttl decides."""
     dispatch_grace: float = 10.0
     """A dispatch with no job this old was dropped. Not shorter: a served dispatch lists its job only once the job
     request's RPC returned to the room, measured 4.5-5 s after the agent joined (livekit-server 1.13.5); the agent
@@ -107,7 +118,7 @@ class WatcherOptions:
     """Retries while Redis or LiveKit is unreachable back off up to this many seconds."""
 
     def __post_init__(self) -> None:
-        for name in ("interval", "dispatch_grace", "lock_ttl", "dispatched_ttl", "backoff_max"):
+        for name in ("interval", "dispatch_grace", "lock_ttl", "dispatched_ttl", "backoff_max", "owner_gone_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"WatcherOptions.{name} must be > 0, got {getattr(self, name)}")
         if self.handoff_wait < 0 or self.quiet < 0:
@@ -252,6 +263,8 @@ class RedispatchWatcher:
         self.holder = False
         self.scans = 0
         self._quiet: dict[str, float] = {}  # room sid -> monotonic time until which it is not asked about
+        self._gone: dict[str, tuple[str, float]] = {}  # room -> (lease value, since when its owner has no connection)
+        self._client_list_ok = True
         self.store = _Outage("the session store (Redis)", self.options.backoff_max, self._store_changed)
         self.lk = _Outage("livekit-server's API", self.options.backoff_max)
         if metrics is not None:
@@ -339,12 +352,16 @@ class RedispatchWatcher:
             return
         pipe = self.redis.pipeline(transaction=False)
         for room in rooms:
-            pipe.exists(k.lease(room))
+            pipe.get(k.lease(room))
             pipe.exists(k.sessions(room))
             pipe.exists(k.dispatched(room))
         flags = await pipe.execute()
+        leases = {room: _opt_str(flags[3 * i]) for i, room in enumerate(rooms)}
+        dead = await self._dead_owners(leases)
         for i, room in enumerate(rooms):
             leased, saved, dispatched = (bool(x) for x in flags[3 * i : 3 * i + 3])
+            if room in dead:
+                leased = False
             if not saved:
                 await self.redis.zrem(k.rooms, room)
                 out.forgotten.append(room)
@@ -363,6 +380,47 @@ class RedispatchWatcher:
             metadata = _opt_str(await self.redis.hget(k.room(room), "metadata"))
             if await self.dispatch(room, metadata, "no_owner", f"no live lease, humans present: {', '.join(humans)}"):
                 out.dispatched.append((room, "no_owner"))
+
+    async def _dead_owners(self, leases: Mapping[str, str | None]) -> set[str]:
+        """Rooms whose lease names a job with no connection to Redis in two scans in a row: the job's process is gone
+        (killed: the kernel closed its sockets), so its lease is deleted now instead of running out (a lost machine
+        closes nothing: there the ttl still decides). An owner names its connections ``sg-owner:{job}``
+        (``ownership.owner_client_name``) and keeps one open while it lives (its handoff listener)."""
+        leased = {room: value for room, value in leases.items() if value}
+        if not leased or not self._client_list_ok:
+            self._gone.clear()
+            return set()
+        try:
+            clients = await self.redis.client_list()
+        except ResponseError as e:  # CLIENT LIST not allowed (a managed Redis's ACL): the lease ttl alone decides
+            self._client_list_ok = False
+            logger.warning("[TAKEOVER] CLIENT LIST refused (%s): a dead owner is noticed when its lease runs out", e)
+            return set()
+        alive = {str(c.get("name", "")) for c in clients}
+        now = time.monotonic()
+        gone_now: dict[str, tuple[str, float]] = {}
+        dead: set[str] = set()
+        for room, value in leased.items():
+            if owner_client_name(value.partition(":")[2]) in alive:
+                continue
+            seen_value, since = self._gone.get(room, (value, now))
+            if seen_value != value:
+                since = now
+            gone_now[room] = (value, since)
+            # gone for a while, not a reconnect in progress (an owner reconnects within its renew interval)
+            if now - since < self.options.owner_gone_after:
+                continue
+            if int(await self.redis.eval(_DELETE_IF, 1, self.keys.lease(room), value)):
+                logger.info(
+                    "[TAKEOVER] the owner of room %s is gone (no Redis connection for %.1f s): its lease %s ends now",
+                    room,
+                    now - since,
+                    value,
+                    extra={"room": room},
+                )
+                dead.add(room)
+        self._gone = gone_now
+        return dead
 
     # -- (2) LiveKit's rooms: dropped dispatches and rejoins without a dispatch
 
@@ -519,10 +577,12 @@ async def hand_over(
     poll: float = 0.1,
     dispatched_ttl: float = 8.0,
     metrics: WatcherMetrics | None = None,
+    done: Callable[[], bool] | None = None,
 ) -> HandoffResult:
     """Dispatch each room that one of ``jobs`` (room, job id, job metadata) owns to another worker, with
     ``ResumeIntent(resume=True, handoff=<lease value>)``, then wait up to ``wait`` seconds until each room's lease
-    names another job or nobody. The caller has already marked its worker as taking no jobs."""
+    names another job or nobody, or until ``done()`` says there is nothing left to wait for (the drain ended). The
+    caller has already marked its worker as taking no jobs."""
     t0 = time.monotonic()
     result = HandoffResult()
     wanted = [_Job(*j) for j in jobs]
@@ -558,7 +618,7 @@ async def hand_over(
     if pending and wait > 0:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                while pending:
+                while pending and not (done is not None and done()):
                     rooms = list(pending)
                     now = [_opt_str(v) for v in await redis.mget([keys.lease(r) for r in rooms])]
                     for room, value in zip(rooms, now, strict=True):
