@@ -18,10 +18,10 @@ class ClusterOptions:
     """``redis://host:port/db`` (``rediss://`` for TLS)."""
     namespace: str | None = None
     """Key prefix ``sg:{namespace}``; default: the job's agent name (one pool of workers, one namespace)."""
-    lease_ttl: float = 3.0
+    lease_ttl: float = 2.0
     """How long a room's lease lives without a renew: after a crash another job owns the room within this (plus
     the re-dispatch)."""
-    renew_interval: float = 1.0
+    renew_interval: float = 0.5
     """The owner renews its lease this often (at most ``lease_ttl / 2``)."""
     handoff_wait: float = 3.0
     """A job dispatched to take a room over on a deploy waits this long for the old owner to let go."""

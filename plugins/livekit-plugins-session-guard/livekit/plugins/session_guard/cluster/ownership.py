@@ -312,10 +312,7 @@ class RoomOwnership:
                     await self._retake()
                     return
                 res = await self._writes.renew(value, self._lease.ttl_ms, _now_ms())
-                if res == 1:
-                    requested = await self._redis.get(self.keys.handoff(self.room))
-                else:
-                    requested = None
+                requested = res if isinstance(res, str) else None
         except _STORE_ERRORS as e:
             self._store_down(e, "renewing the lease")
             return
@@ -328,7 +325,7 @@ class RoomOwnership:
             self._lease.value = None
             await self._retake()
         elif requested is not None:
-            self._handoff_requested(requested.decode() if isinstance(requested, bytes) else str(requested))
+            self._handoff_requested(requested)
         elif was_down:
             await self._write_back()
 

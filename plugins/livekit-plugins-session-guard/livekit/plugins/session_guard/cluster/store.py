@@ -31,9 +31,10 @@ if redis.call('HLEN', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) en
 return 1
 """
 
-# KEYS[1] lease, KEYS[2] sessions hash, KEYS[3] rooms zset, KEYS[4] room hash, KEYS[5] known zset; ARGV[1] our
-# lease value, ARGV[2] lease ttl ms, ARGV[3] sessions ttl ms, ARGV[4] room, ARGV[5] now ms. The renew of an owner:
-# 1 renewed; 0 another job holds the room; -1 nobody does.
+# KEYS[1] lease, KEYS[2] sessions hash, KEYS[3] rooms zset, KEYS[4] room hash, KEYS[5] known zset, KEYS[6] handoff;
+# ARGV[1] our lease value, ARGV[2] lease ttl ms, ARGV[3] sessions ttl ms, ARGV[4] room, ARGV[5] now ms. The renew of
+# an owner: 1 renewed; 0 another job holds the room; -1 nobody does; a string: renewed, and that job asked for a
+# handoff (the pub/sub message is the fast path; this catches one missed while reconnecting).
 _RENEW = """
 local cur = redis.call('GET', KEYS[1])
 if cur ~= ARGV[1] then
@@ -47,6 +48,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 redis.call('PEXPIRE', KEYS[4], 86400000)
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+local h = redis.call('GET', KEYS[6])
+if h then return h end
 return 1
 """
 
@@ -116,19 +119,23 @@ class FencedWrites:
         res = await self._redis.eval(_DROP, 3, *self._keys3(), lease_value, identity, self._room)
         return bool(int(res))
 
-    async def renew(self, lease_value: str, lease_ttl_ms: int, now_ms: int) -> int:
+    async def renew(self, lease_value: str, lease_ttl_ms: int, now_ms: int) -> int | str:
+        """1 renewed, 0 lost, -1 vacant, or the job id that asked for a handoff (renewed)."""
         res = await self._redis.eval(
             _RENEW,
-            5,
+            6,
             *self._keys3(),
             self._keys.room(self._room),
             self._keys.known,
+            self._keys.handoff(self._room),
             lease_value,
             lease_ttl_ms,
             self.sessions_ttl_ms,
             self._room,
             now_ms,
         )
+        if isinstance(res, bytes | str):
+            return res.decode() if isinstance(res, bytes) else res
         return int(res)
 
     async def load_all(self) -> dict[str, ResumeState]:

@@ -3,7 +3,7 @@ worker's rooms, and the store's view of the deployment (``/cluster``).
 
 Where the duty runs: in the main process of *every* worker (``SessionGuardServer(redis_url=...)``), and only the
 holder of the ``watcher`` lock does it (``SET NX PX``, renewed by a check-and-set script, value = the worker's id).
-A worker that dies lets the lock lapse and another worker takes the duty within the lock's ttl (3 s), so there is
+A worker that dies lets the lock lapse and another worker takes the duty within the lock's ttl (1.5 s), so there is
 no single point of failure and no extra service to run; a draining worker gives the lock up at once.
 
 What the holder does (:class:`RedispatchWatcher`):
@@ -98,15 +98,15 @@ class WatcherOptions:
     """Seconds between scans of the store (one Redis round trip each when no room lacks an owner)."""
     rooms_every: int = 4
     """LiveKit's room list is read every this many scans (2 s): dropped dispatches and rejoins."""
-    owner_gone_after: float = 1.5
+    owner_gone_after: float = 1.0
     """A room's owner with no connection to Redis this long (``CLIENT LIST``: its job's process was killed) loses its
     lease at once rather than when the lease runs out. Longer than an owner's reconnect after a blip (its renew
-    interval, 1 s); a lost machine closes no connection, and there the lease's ttl decides."""
+    interval, 0.5 s); a lost machine closes no connection, and there the lease's ttl decides."""
     dispatch_grace: float = 10.0
     """A dispatch with no job this old was dropped. Not shorter: a served dispatch lists its job only once the job
     request's RPC returned to the room, measured 4.5-5 s after the agent joined (livekit-server 1.13.5); the agent
     being in the room is checked too."""
-    lock_ttl: float = 3.0
+    lock_ttl: float = 1.5
     """The ``watcher`` lock's ttl: another worker takes the duty this long after its holder died."""
     dispatched_ttl: float = 8.0
     """``dispatched:{room}``: no other dispatch into the room for this long (the new job's start and lease)."""
