@@ -159,7 +159,11 @@ async def test_rolling_restart_hands_sessions_over(
     """10 live sessions on A, B up; SIGTERM A: every session goes on in B (same room, no client reconnect, the
     conversation continues), and A exits within 5 s."""
     n = 10
-    a = await asyncio.to_thread(workers.start, "rolling-a")
+    # A waits up to 10 s for B's jobs to announce themselves (on a quiet machine they do in ~1 s), and exits as
+    # soon as every room is handed over
+    a = await asyncio.to_thread(
+        workers.start, "rolling-a", extra_env={"SG_DRAIN_TIMEOUT": "10", "SG_HANDOFF_WAIT": "10"}
+    )
     humans = [Human(a.info, letta_agent_id=letta_agent) for _ in range(n)]
     keys = Keys(workers.agent_name)
     reconnects = {h.identity: 0 for h in humans}

@@ -485,7 +485,9 @@ class LettaConversation:
                 await self.ensure()
                 if self._unverified:
                     turn.recompiled = await self._verify_adopted()
-                turn.recompiled = await self._refresh_memory() or turn.recompiled
+                if await self._refresh_memory():
+                    turn.recompiled = True
+                    self._unverified = False  # recompiled: Letta has it, and its prompt is current
                 turn.stage = TurnStage.SENT  # from here on a run may be going on in Letta
                 try:
                     stream = await self._send(text, otid)
@@ -667,6 +669,10 @@ class LettaConversation:
                 lambda t: b.client.conversations.recompile(conv_id, timeout=t),
                 op="conversation_recompile",
             )
+        except LettaUnavailableError as e:
+            # slow or unreachable: the turn goes ahead (and tells, if Letta is really down); the next turn checks again
+            lf.warning("could not check the adopted conversation yet; going ahead", error=str(e), **self._fields())
+            return False
         except APIStatusError as e:
             if not is_not_found(e):
                 self._unverified = False
