@@ -15,6 +15,7 @@ from livekit.agents import AgentSession, llm
 from livekit.plugins.letta.guard import CONVERSATION_KEY, SHARED_KEY, LettaSessions, RecoveryKind
 from livekit.plugins.letta.journal import FileJournal
 from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard
+from livekit.plugins.session_guard.binding import REPLY_STARTED_KEY
 from livekit.plugins.session_guard.resume import MemoryResumeStore, ResumeState
 
 from tests.unit.letta.conftest import as_client, fast
@@ -58,6 +59,7 @@ class FakeAgentSession(rtc.EventEmitter[str]):
         super().__init__()
         self.said: list[tuple[str, bool]] = []
         self.generated = 0
+        self.history = llm.ChatContext.empty()
 
     def say(self, text: str, *, allow_interruptions: bool = True, add_to_chat_ctx: bool = True) -> None:
         self.said.append((text, add_to_chat_ctx))
@@ -210,6 +212,27 @@ async def test_a_turn_letta_answered_is_said_once_from_letta_and_not_asked_again
     assert r.kind is RecoveryKind.ANSWERED and r.reply == reply and r.user_text == "two"
     assert agent_session.said == [(reply, True)] and agent_session.generated == 0
     assert fake.count("conversations.messages.create") == sent
+
+
+async def test_a_reply_the_dead_process_had_started_speaking_is_not_said_again(
+    fake: FakeLetta, procs: tuple[Process, Process, str]
+) -> None:
+    """The previous owner died while speaking the reply (the binding marked the user message it answered; the reply
+    reaches the history only after playout): the user heard (part of) it, so it goes into the history, unsaid."""
+    a, _b, _agent = procs
+    gs = await started(a)
+    history = llm.ChatContext.empty()
+    reply = await ask(a.letta, gs, history, "one")
+    history.items.pop()
+    pending = history.items[-1]
+    gs.shared[REPLY_STARTED_KEY] = pending.id
+    agent_session = FakeAgentSession()
+    r = await a.letta.finish_interrupted_turn(gs, cast(AgentSession[Any], agent_session), history)
+    assert r.kind is RecoveryKind.ANSWERED and r.reply == reply
+    assert agent_session.said == [] and agent_session.generated == 0, "never said twice"
+    (kept,) = agent_session.history.items
+    assert isinstance(kept, llm.ChatMessage) and kept.role == "assistant" and kept.text_content == reply
+    assert REPLY_STARTED_KEY not in gs.shared
 
 
 async def test_a_turn_letta_never_got_is_generated_once(fake: FakeLetta, procs: tuple[Process, Process, str]) -> None:

@@ -9,6 +9,7 @@ from typing import Any, cast
 from livekit import rtc
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice.events import (
+    AgentStateChangedEvent,
     CloseEvent,
     CloseReason,
     ConversationItemAddedEvent,
@@ -22,7 +23,7 @@ from livekit.plugins.session_guard import (
     SessionGuard,
     SessionState,
 )
-from livekit.plugins.session_guard.binding import bind_agent_session, saved_chat_ctx
+from livekit.plugins.session_guard.binding import REPLY_STARTED_KEY, bind_agent_session, saved_chat_ctx
 
 from .fakes import HANGUP, SIGNAL_CLOSE, FakeRoom, HookLog, fast_options, settle, wait_for
 
@@ -205,4 +206,24 @@ async def test_binds_to_a_real_agent_session() -> None:
     # the end hook is one step of the cleanup: the cleanup counts once its last step is done
     await wait_for(lambda: guard.snapshot()["totals"]["cleanups"] == 1)
     room.remove(p, HANGUP)
+    await guard.aclose()
+
+
+async def test_the_user_message_being_answered_is_marked_until_the_reply_is_in_the_history() -> None:
+    """Speaking starts before the reply is in the history (that happens after playout): the saved state marks the
+    user message being answered, so a process that adopts the session after a crash does not say it again."""
+    room = FakeRoom()
+    guard = SessionGuard(room.as_room, fast_options())
+    guard.attach()
+    session = await started(guard, room)
+    agent = FakeAgentSession()
+    bind_agent_session(session, agent.as_agent_session)
+    (user,) = agent.history.items
+    agent.emit("agent_state_changed", AgentStateChangedEvent(old_state="thinking", new_state="speaking"))
+    assert session.shared[REPLY_STARTED_KEY] == user.id
+    await settle(guard)
+    saved = await session.resume_state()
+    assert saved is not None and saved.shared[REPLY_STARTED_KEY] == user.id, "saved before the reply is"
+    agent.emit("conversation_item_added", reply("here you go"))
+    assert REPLY_STARTED_KEY not in session.shared
     await guard.aclose()

@@ -43,6 +43,7 @@ from livekit.agents.voice.events import ErrorEvent, UserStateChangedEvent
 
 try:
     from livekit.plugins.session_guard import EndReason, GuardSession, SessionGuard, SessionState
+    from livekit.plugins.session_guard.binding import REPLY_STARTED_KEY
 except ImportError as e:
     raise ImportError(
         "livekit.plugins.letta.guard integrates Letta with the session guard and needs livekit-plugins-session-guard "
@@ -407,8 +408,16 @@ class LettaSessions:
         user to repeat it); NOTHING_PENDING → nothing. Call it once the AgentSession is started, before anything
         else is said (a greeting added to the history would hide the pending turn from the LLM)."""
         result = await self.recover_turn(gs, history)
+        pending = last_user_message(history)
+        heard = pending is not None and gs.shared.get(REPLY_STARTED_KEY) == pending.id
         try:
-            if result.kind is RecoveryKind.ANSWERED:
+            if result.kind is RecoveryKind.ANSWERED and heard:
+                # the previous process had started speaking this reply when it died: the user heard (part of) it;
+                # never say it twice: it goes into the history only
+                agent_session.history.add_message(role="assistant", content=result.reply)
+                gs.shared.pop(REPLY_STARTED_KEY, None)
+                lf.info("interrupted turn: its reply was being spoken; kept, not said again", identity=gs.identity)
+            elif result.kind is RecoveryKind.ANSWERED:
                 agent_session.say(result.reply, add_to_chat_ctx=True)
             elif result.kind is RecoveryKind.UNANSWERED:
                 agent_session.generate_reply()

@@ -26,6 +26,7 @@ from typing import Any
 
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice.events import (
+    AgentStateChangedEvent,
     CloseEvent,
     CloseReason,
     ConversationItemAddedEvent,
@@ -38,7 +39,18 @@ from .hooks import Notice
 from .log import logger
 from .session import GuardSession
 
-__all__ = ["AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
+__all__ = ["REPLY_STARTED_KEY", "AgentSessionBinding", "bind_agent_session", "saved_chat_ctx"]
+
+REPLY_STARTED_KEY = "session_guard.reply_started_after"
+"""``GuardSession.shared`` key: the id of the user message the agent started speaking a reply to, until that reply is
+in the history. Read by whoever finishes a turn the previous process left (``livekit.plugins.letta``)."""
+
+
+def _last_message(history: llm.ChatContext) -> llm.ChatMessage | None:
+    for item in reversed(history.items):
+        if isinstance(item, llm.ChatMessage):
+            return item
+    return None
 
 
 async def saved_chat_ctx(session: GuardSession) -> llm.ChatContext | None:
@@ -69,6 +81,7 @@ class AgentSessionBinding:
         self._handlers: list[tuple[str, Callable[..., None]]] = [
             ("user_input_transcribed", self._on_user_input_transcribed),
             ("user_state_changed", self._on_user_state_changed),
+            ("agent_state_changed", self._on_agent_state_changed),
             ("conversation_item_added", self._on_conversation_item_added),
             ("error", self._on_error),
             ("close", self._on_close),
@@ -95,9 +108,22 @@ class AgentSessionBinding:
         elif ev.new_state == "speaking" or ev.old_state == "away":
             self.session.note_activity()
 
+    def _on_agent_state_changed(self, ev: AgentStateChangedEvent) -> None:
+        """The agent starts speaking: if it answers a user message, say so in the saved state before the reply is
+        in the history (that happens only after playout). A process that dies in between leaves the mark, and the
+        one that adopts the session knows the user heard (part of) a reply: it must not say it again."""
+        if ev.new_state != "speaking" or not self._keep_history:
+            return
+        last = _last_message(self.agent_session.history)
+        if last is not None and last.role == "user":
+            self.session.shared[REPLY_STARTED_KEY] = last.id
+            self.session.note_history(self._history)
+
     def _on_conversation_item_added(self, ev: ConversationItemAddedEvent) -> None:
         item = ev.item
         if self._keep_history:
+            if isinstance(item, llm.ChatMessage) and item.role == "assistant":
+                self.session.shared.pop(REPLY_STARTED_KEY, None)  # the reply is in the history now
             self.session.note_history(self._history)  # saved for a resume here or in another process
         if not isinstance(item, llm.ChatMessage):
             return
