@@ -37,3 +37,39 @@ def splice_generated(doc: str, text: str, heading: str) -> str:
         _, _, tail = rest.partition(END)
         return head + block + tail
     return doc.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+
+
+def handoff_gaps(log: str) -> dict[str, float]:
+    """Per room, seconds from the old owner stopping the room's sessions for a handoff (the start of its "[CLUSTER]
+    sessions stopped for the room's new owner (handoff: ...)" step: from then on it neither speaks nor listens) to
+    the new owner's first "session resume hooks done" in that room after it (its AgentSession started: ready to
+    answer). `log`: both workers' logs, JSON lines (`start` mode)."""
+    import json
+    from datetime import datetime
+
+    stops: dict[str, float] = {}
+    ready: dict[str, list[float]] = {}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            d = json.loads(line)
+            at = datetime.fromisoformat(str(d["timestamp"])).timestamp()
+        except (ValueError, KeyError):
+            continue
+        message = str(d.get("message", ""))
+        room = str(d.get("room", ""))
+        if message.startswith("[CLUSTER] sessions stopped for the room's new owner (handoff"):
+            try:
+                took = float(str(d.get("duration") or 0.0).rstrip("s"))
+            except ValueError:
+                took = 0.0
+            stops[room] = at - took
+        elif message.startswith("[SESSION] session resume hooks done"):
+            ready.setdefault(room, []).append(at)
+    out: dict[str, float] = {}
+    for room, stopped in stops.items():
+        after = [t for t in ready.get(room, []) if t >= stopped]
+        if after:
+            out[room] = min(after) - stopped
+    return out

@@ -56,8 +56,12 @@ async def test_job_sigkill_mid_session(workers: Workers, letta_sync: Letta, lett
 
         await wait_for(taken_over, 30, "a new job to take alice's session over in her room", interval=0.05)
         cost["taken_over_after_s"] = time.monotonic() - t0
-        new_agent = alice.agent()
-        assert new_agent is not None and new_agent.identity != old_agent.identity
+
+        async def new_agent_seen() -> bool:
+            agent = alice.agent()
+            return agent is not None and agent.identity != old_agent.identity
+
+        await wait_for(new_agent_seen, 30, "alice to see the agent that took her room over", interval=0.05)
         assert alice.room.isconnected(), "alice stayed in her room"
 
         reply = await alice.ask("after the kill", timeout=60, expect="after the kill")
