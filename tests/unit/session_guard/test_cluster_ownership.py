@@ -310,3 +310,12 @@ async def test_a_live_owner_is_visible_by_its_client_name(server: RedisServer, r
     async with asyncio.timeout(3):
         while owner_client_name("job-a") in await names():
             await asyncio.sleep(0.05)
+
+
+async def test_the_snapshot_still_reads_after_the_room_was_let_go(server: RedisServer, redis: Redis) -> None:
+    """The guard publishes its snapshot (with this part) after the room ended and the lease was released: reading
+    it must not raise (it did: the cancelled change future), or /sessions loses the job's final totals."""
+    a = job(server, "job-a")
+    assert await a.claim(ResumeIntent())
+    await a.finish(parked=False)
+    assert a.snapshot() == {"lease": None, "store_up": True, "saved_sessions": 0, "change": None}

@@ -138,8 +138,12 @@ class RoomOwnership:
             "lease": self._lease.value,
             "store_up": self.store_up,
             "saved_sessions": len(self._local),
-            "change": self.change.result().kind.value if self.change.done() else None,
+            "change": self.change.result().kind.value if self._changed() else None,
         }
+
+    def _changed(self) -> bool:
+        """A change happened (not: the future was cancelled because this job let go of the room)."""
+        return self.change.done() and not self.change.cancelled()
 
     def _log(self, level: int, message: str, **fields: Any) -> None:
         lf.log_line(level, "CLUSTER", message, room=self.room, **fields)
