@@ -92,6 +92,17 @@ async def wait_warm(w: FaultWorker, n: int, timeout: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
+async def mid_conversation(humans: list[Human], redis: Redis, keys: Keys, text: str) -> dict[str, str | None]:
+    """Every human joins and is answered once ("(turn 1)"); returns each room's owner job from the store."""
+    for h in humans:
+        await joined(h)
+    first = await one_reply_each(humans, text)
+    assert all(turn(r) == 1 for r in first), first
+    held = await owners(redis, keys, humans)
+    assert all(held.values()), f"every room has an owner in the store: {held}"
+    return held
+
+
 def kill_worker(w: FaultWorker) -> None:
     """SIGKILL the worker and every job process of it (its process group): a lost machine, an OOM kill."""
     os.killpg(w.proc.proc.pid, signal.SIGKILL)
@@ -108,28 +119,14 @@ async def test_worker_sigkill_rooms_taken_over(
     humans = [Human(a.info, letta_agent_id=letta_agent) for _ in range(4)]
     keys = Keys(workers.agent_name)
     try:
-        for h in humans:
-            await joined(h)
-        first = await one_reply_each(humans, "before the crash")
-        assert all(turn(r) == 1 for r in first), first
-        held = await owners(redis, keys, humans)
-        assert all(held.values()), f"every room has an owner in the store: {held}"
+        held = await mid_conversation(humans, redis, keys, "before the crash")
         b = await asyncio.to_thread(workers.start, "takeover-b", extra_env={"SG_IDLE_PROCESSES": str(len(humans))})
         await wait_warm(b, len(humans))
         old_agents = {h.room_name: agent.identity for h in humans if (agent := h.agent()) is not None}
 
         t0 = time.monotonic()
         await asyncio.to_thread(kill_worker, a)
-        owned_after: dict[str, float] = {}
-
-        async def all_owned() -> bool:
-            now = await owners(redis, keys, humans)
-            for room, job in now.items():
-                if job and job != held[room] and room not in owned_after:
-                    owned_after[room] = time.monotonic() - t0
-            return len(owned_after) == len(humans)
-
-        await wait_for(all_owned, 60, "a new owner for every room", interval=0.05)
+        owned_after = await follow_owners(redis, keys, humans, held, t0, timeout=60)
         times = sorted(owned_after.values())
         cost["rooms"] = len(humans)
         cost["owned_again_p50_s"] = statistics.median(times)
@@ -168,13 +165,9 @@ async def test_rolling_restart_hands_sessions_over(
     keys = Keys(workers.agent_name)
     reconnects = {h.identity: 0 for h in humans}
     try:
+        held = await mid_conversation(humans, redis, keys, "before the deploy")
         for h in humans:
-            await joined(h)
             h.room.on("reconnecting", lambda *_, i=h.identity: reconnects.__setitem__(i, reconnects[i] + 1))
-        first = await one_reply_each(humans, "before the deploy")
-        assert all(turn(r) == 1 for r in first), first
-        held = await owners(redis, keys, humans)
-        assert all(held.values()), held
         # B stands by with warm job processes for the rooms it takes over (SG_IDLE_PROCESSES): starting ten job
         # processes at once on a 2-core machine takes longer than the reconnect window (docs/operations.md).
         b = await asyncio.to_thread(workers.start, "rolling-b", extra_env={"SG_IDLE_PROCESSES": str(n)})
@@ -233,11 +226,7 @@ async def test_single_worker_killed_and_restarted_resumes(
     humans = [Human(a.info, letta_agent_id=letta_agent) for _ in range(2)]
     keys = Keys(workers.agent_name)
     try:
-        for h in humans:
-            await joined(h)
-        first = await one_reply_each(humans, "before the restart")
-        assert all(turn(r) == 1 for r in first), first
-        held = await owners(redis, keys, humans)
+        held = await mid_conversation(humans, redis, keys, "before the restart")
         t0 = time.monotonic()
         await asyncio.to_thread(kill_worker, a)
         await asyncio.to_thread(workers.start, "single-b", extra_env=window)
@@ -267,11 +256,7 @@ async def test_redis_restarted_and_down_30s_during_live_sessions(
     humans = [Human(w.info, letta_agent_id=letta_agent) for _ in range(2)]
     keys = Keys(workers.agent_name)
     try:
-        for h in humans:
-            await joined(h)
-        assert [turn(r) for r in await one_reply_each(humans, "before")] == [1, 1]
-        held = await owners(redis, keys, humans)
-        assert all(held.values()), held
+        held = await mid_conversation(humans, redis, keys, "before")
 
         async def re_established() -> bool:
             try:
