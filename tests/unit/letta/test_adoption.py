@@ -235,6 +235,24 @@ async def test_a_reply_the_dead_process_had_started_speaking_is_not_said_again(
     assert REPLY_STARTED_KEY not in gs.shared
 
 
+async def test_a_turn_the_user_has_moved_past_is_left_alone(
+    fake: FakeLetta, procs: tuple[Process, Process, str]
+) -> None:
+    """While the interrupted turn was being looked up, the user said something new on the new connection: that turn
+    is answered normally; the old one is neither said nor generated (generate_reply would send the newest message:
+    the new turn twice)."""
+    a, _b, _agent = procs
+    gs = await started(a)
+    history = llm.ChatContext.empty()
+    await ask(a.letta, gs, history, "one")
+    history.add_message(role="user", content="cut before Letta got it")
+    agent_session = FakeAgentSession()
+    agent_session.history.add_message(role="user", content="something new")
+    r = await a.letta.finish_interrupted_turn(gs, cast(AgentSession[Any], agent_session), history)
+    assert r.kind is RecoveryKind.UNANSWERED
+    assert agent_session.said == [] and agent_session.generated == 0
+
+
 async def test_a_turn_letta_never_got_is_generated_once(fake: FakeLetta, procs: tuple[Process, Process, str]) -> None:
     a, _b, _agent = procs
     gs = await started(a)

@@ -410,8 +410,19 @@ class LettaSessions:
         result = await self.recover_turn(gs, history)
         pending = last_user_message(history)
         heard = pending is not None and gs.shared.get(REPLY_STARTED_KEY) == pending.id
+        # The user spoke again on this connection while the turn was being looked up: that turn is answered the
+        # usual way, and a reply (or a generate_reply, which sends the *newest* user message) now would answer twice
+        superseded = any(
+            isinstance(item, llm.ChatMessage) and item.role == "user" for item in agent_session.history.items
+        )
         try:
-            if result.kind is RecoveryKind.ANSWERED and heard:
+            if result.kind is not RecoveryKind.NOTHING_PENDING and superseded:
+                lf.info(
+                    "interrupted turn left as it is: the user has spoken since",
+                    kind=result.kind.value,
+                    identity=gs.identity,
+                )
+            elif result.kind is RecoveryKind.ANSWERED and heard:
                 # the previous process had started speaking this reply when it died: the user heard (part of) it;
                 # never say it twice: it goes into the history only
                 agent_session.history.add_message(role="assistant", content=result.reply)
