@@ -120,11 +120,19 @@ async def test_a_session_moves_the_metrics_by_exactly_one(metrics_worker: Metric
     assert total(after, "letta_request_errors_total") == total(before, "letta_request_errors_total"), {
         k: v for k, v in after.items() if k[0] == "letta_request_errors_total"
     }
-    # /sessions agrees with /metrics
-    totals = (await asyncio.to_thread(mw.sessions))["totals"]
-    assert totals["started"] == value(after, "session_guard_sessions_started_total")
-    assert totals["ended"] == total(after, "session_guard_sessions_ended_total")
-    assert totals["cleanups"] == value(after, "session_guard_cleanups_total")
+
+    # /sessions agrees with /metrics once the job's snapshot is written (debounced by publish_debounce, 0.25 s; the
+    # metrics count at once)
+    def agreed() -> dict[str, int] | None:
+        totals: dict[str, int] = mw.sessions()["totals"]
+        same = (
+            totals["started"] == value(after, "session_guard_sessions_started_total")
+            and totals["ended"] == total(after, "session_guard_sessions_ended_total")
+            and totals["cleanups"] == value(after, "session_guard_cleanups_total")
+        )
+        return totals if same else None
+
+    await asyncio.to_thread(wait_until, agreed, 5.0, 0.1, "/sessions totals to agree with /metrics")
 
     # The job process ends (its room is deleted); its counts outlive it, its live gauge is gone.
     def job_gone() -> bool:
