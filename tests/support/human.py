@@ -86,14 +86,17 @@ class Human:
         async def read() -> None:
             attrs = reader.info.attributes or {}
             text = await reader.read_all()
-            agent = self.agent()
+            # From any agent in the room, not only the newest: while a second job of the agent name is in the room
+            # (it claims the room's lease, finds it held and leaves: up to one lease ttl) the owner still answers.
+            # A second agent answering too would show as the same turn answered twice (the fault suite checks).
+            agents = {a.identity for a in self.agents()}
             # The agent publishes its own speech and, when it transcribes audio, the user's speech on this topic:
             # a stream about one of this human's own tracks is the user's speech, every other one is a reply (the
             # page's rule). Not "a track the agent publishes": after the agent's connection restarts (a LiveKit
             # restart) its audio track is published again under a new sid, while its transcriptions keep naming
             # the first one.
             track_id = attrs.get("lk.transcribed_track_id", "")
-            if agent is None or sender != agent.identity:
+            if sender not in agents:
                 return
             if track_id and track_id in self.room.local_participant.track_publications:
                 return

@@ -138,7 +138,8 @@ async def test_renew_loop_notices_a_lost_lease(server: RedisServer, redis: Redis
         async with asyncio.timeout(2):
             change = await a.change
         assert change.kind is Change.LOST
-        await runner
+        async with asyncio.timeout(5):
+            await runner
     finally:
         await a.finish(parked=True)
 

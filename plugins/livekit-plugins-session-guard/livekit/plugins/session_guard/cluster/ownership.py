@@ -305,8 +305,12 @@ class RoomOwnership:
                         await asyncio.shield(self.change)
         finally:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+            # bounded: redis-py's pub/sub close can swallow a cancellation while its connection is busy
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                async with asyncio.timeout(self._opts.store_timeout):
+                    await asyncio.shield(listener)
+            if not listener.done():
+                self._log(logging.WARNING, "the handoff listener did not stop within its bound; left to finish")
 
     async def _renew_once(self) -> None:
         try:
