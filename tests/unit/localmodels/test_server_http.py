@@ -17,6 +17,7 @@ import pytest
 
 from localmodels.paths import ROOT, venv_path
 from sgapp.letta_admin import LOCAL_MODEL
+from tests.support.letta_tools import MEMORY_INSERT
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -205,21 +206,6 @@ LETTA_LIKE_SYSTEM = (
     "friendly, concise voice assistant.\n</value>\n</persona>\n<human>\n<value>\nNothing is known about the user "
     "yet.\n</value>\n</human>\n</memory_blocks>"
 )
-MEMORY_INSERT = {
-    "type": "function",
-    "function": {
-        "name": "memory_insert",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "label": {"type": "string"},
-                "new_string": {"type": "string"},
-                "insert_line": {"type": "integer"},
-            },
-            "required": ["label", "new_string"],
-        },
-    },
-}
 
 
 async def test_a_stated_fact_comes_back_as_a_memory_insert_call_with_the_reply(server: str) -> None:

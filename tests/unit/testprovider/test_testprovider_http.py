@@ -18,24 +18,10 @@ from aiohttp.test_utils import TestClient
 from testprovider import audio
 from testprovider.state import Settings
 from testprovider.testing import assemble_stream, parse_sse, provider_client
+from tests.support.letta_tools import MEMORY_INSERT
 
 Client = TestClient[web.Request, web.Application]
 
-MEMORY_INSERT = {
-    "type": "function",
-    "function": {
-        "name": "memory_insert",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "label": {"type": "string"},
-                "new_string": {"type": "string"},
-                "insert_line": {"type": "integer"},
-            },
-            "required": ["label", "new_string"],
-        },
-    },
-}
 SEND_MESSAGE = {
     "type": "function",
     "function": {
