@@ -13,7 +13,6 @@ built here, never parsed back, except the ``rooms`` / ``known`` sorted sets whos
 | ``rooms`` | zset | the owner (score: ms of its last renew) | rooms with saved sessions: live or parked |
 | ``known`` | zset | the owner (score: ms when last served) | rooms served in the last day (a rejoin without dispatch) |
 | ``handoff:{room}`` | string + channel | the job taking over | the new job's id: "ready, release the room" |
-| ``released:{room}`` | list, short ttl | the old owner | its token, pushed when it released the lease |
 | ``dispatched:{room}`` | string, NX PX | watcher, draining worker | a (re)dispatch is on its way: send no other |
 | ``watcher`` | string, PX ttl | one worker's main process | the re-dispatch duty's lock (same scheme as a lease) |
 """
@@ -63,9 +62,6 @@ class Keys:
 
     def handoff(self, room: str) -> str:
         return f"{self.base}:handoff:{room}"
-
-    def released(self, room: str) -> str:
-        return f"{self.base}:released:{room}"
 
     def dispatched(self, room: str) -> str:
         return f"{self.base}:dispatched:{room}"
