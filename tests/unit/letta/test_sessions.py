@@ -161,6 +161,16 @@ async def test_a_failed_turn_is_answered_with_a_spoken_apology_outside_the_histo
     agent_session.emit("user_state_changed", UserStateChangedEvent(old_state="listening", new_state="speaking"))
     await asyncio.sleep(0.05)
     assert fake.count("blocks.list") == fetches + 1
+    # ... and so does the end of their speech (the turn is committed after the STT's transcript, a moment later)
+    letta.backend.cache.invalidate(letta.conversation(gs).agent_id)
+    agent_session.emit("user_state_changed", UserStateChangedEvent(old_state="speaking", new_state="listening"))
+    await asyncio.sleep(0.05)
+    assert fake.count("blocks.list") == fetches + 2
+    # a fresh cache is not read again
+    agent_session.emit("user_state_changed", UserStateChangedEvent(old_state="listening", new_state="speaking"))
+    agent_session.emit("user_state_changed", UserStateChangedEvent(old_state="speaking", new_state="away"))
+    await asyncio.sleep(0.05)
+    assert fake.count("blocks.list") == fetches + 2
 
     room.remove(room.remote_participants["alice"], SIGNAL_CLOSE)  # the connection stops: unbound
     await settle(guard)
