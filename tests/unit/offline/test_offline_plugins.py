@@ -88,3 +88,29 @@ async def test_whisper_resamples_any_input_rate(models: offline.OfflineModels) -
 def test_a_tts_is_a_livekit_tts_and_an_stt_is_a_livekit_stt(models: offline.OfflineModels) -> None:
     assert isinstance(offline.PiperTTS(voice=models.piper), tts.TTS)
     assert isinstance(offline.WhisperSTT(model=models.whisper), stt.STT)
+
+
+async def test_a_short_utterance_is_decoded_on_the_short_window_and_a_long_one_on_whispers_own(
+    models: offline.OfflineModels,
+) -> None:
+    voice = offline.PiperTTS(voice=models.piper)
+    ears = offline.WhisperSTT(model=models.whisper)
+    assert ears.options.window_s == 20.0
+    short = offline.to_whisper_input(await voice.synthesize("My favorite color is blue.").collect())
+    quick = ears.transcribe_windowed(short, 20.0)
+    assert quick is not None and "blue" in words(quick[0]), quick
+    assert 0.0 < quick[1] <= 1.0
+    assert ears.transcribe_sync(short) == quick  # the short window is the default path
+    full = offline.WhisperSTT(model=models.whisper, options=offline.WhisperOptions(window_s=None))
+    assert "blue" in words(full.transcribe_sync(short)[0])
+    # more than 3/4 of the window: whisper's own 30 s path (the short window would leave too little padding)
+    long = offline.to_whisper_input(
+        await voice.synthesize(SENTENCE + " I walk my dog along the river every morning before work.").collect()
+    )
+    assert 6.0 < len(long) / 16000 < 14.0, len(long) / 16000
+    assert ears.transcribe_windowed(long, 8.0) is None
+    assert ears.transcribe_windowed(long, 20.0) is not None
+    # nothing heard is not trusted from the short window: the full window decides (and hears nothing either)
+    silence = np.zeros(16000, dtype=np.float32)
+    assert ears.transcribe_windowed(silence, 20.0) is None
+    assert words(ears.transcribe_sync(silence)[0]) == []
