@@ -149,7 +149,12 @@ def test_a_reply_in_another_language_is_caught() -> None:
     h = Hygiene(SYSTEM)
     assert feed_all(h, ["L'Alma, la France, est la capital de France."]) == [] and h.foreign  # seen from SmolLM2
     h = Hygiene(SYSTEM)
+    assert feed_all(h, ["Il faut que tu as une couleur de diamètre blue."]) == [] and h.foreign  # "as" is English
+    h = Hygiene(SYSTEM)
     assert feed_all(h, ["Paris is the capital of France."]) == ["Paris is the capital of France."]
+    h = Hygiene(SYSTEM)  # a French name in an English sentence is still English
+    assert feed_all(h, ["Le Grand Paris is the capital of France."]) == ["Le Grand Paris is the capital of France."]
+    assert feed_all(Hygiene(SYSTEM), ["You said that your dog is Max."]) == ["You said that your dog is Max."]
     assert feed_all(Hygiene(SYSTEM), ["Good morning!"]) == ["Good morning!"]
 
 
