@@ -153,6 +153,25 @@ async def test_early_memory_check_does_the_read_before_the_turn(fake: FakeLetta,
     assert fake.count("blocks.list") == fetches, "the turn read the blocks although the early check just did"
 
 
+async def test_the_check_at_the_end_of_speech_reads_a_copy_that_would_be_stale_when_the_turn_starts(
+    fake: FakeLetta, scope: TaskScope
+) -> None:
+    agent = fake.add_agent()
+    backend = make_backend(fake, scope, block_max_age=0.2)
+    conv = LettaConversation(backend, agent, scope=scope)
+    await say(conv, "hello")
+    await asyncio.sleep(0.12)
+    fetches = fake.count("blocks.list")
+    conv.check_memory_soon()  # the copy is fresh for a turn starting now
+    await asyncio.sleep(0.01)
+    assert fake.count("blocks.list") == fetches
+    conv.check_memory_soon(ahead=0.1)  # ... but not for one starting 0.1 s from now
+    await asyncio.sleep(0.01)
+    assert fake.count("blocks.list") == fetches + 1
+    await say(conv, "again")  # and that turn does not read them again
+    assert fake.count("blocks.list") == fetches + 1
+
+
 async def test_a_cut_reply_is_cancelled_in_letta_before_the_next_turn(fake: FakeLetta, scope: TaskScope) -> None:
     agent = fake.add_agent()
     backend = make_backend(fake, scope)

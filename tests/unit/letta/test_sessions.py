@@ -171,7 +171,6 @@ async def test_a_failed_turn_is_answered_with_a_spoken_apology_outside_the_histo
     agent_session.emit("user_state_changed", UserStateChangedEvent(old_state="speaking", new_state="away"))
     await asyncio.sleep(0.05)
     assert fake.count("blocks.list") == fetches + 2
-
     room.remove(room.remote_participants["alice"], SIGNAL_CLOSE)  # the connection stops: unbound
     await settle(guard)
     agent_session.emit("error", ErrorEvent(error=failure, source=model))

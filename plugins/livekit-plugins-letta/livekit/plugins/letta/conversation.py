@@ -373,13 +373,14 @@ class LettaConversation:
 
     # -- memory freshness
 
-    def check_memory_soon(self) -> None:
-        """Refresh the block cache in the background if a turn would have to (called when the user starts
-        speaking, so the turn does not pay for it)."""
+    def check_memory_soon(self, ahead: float = 0.0) -> None:
+        """Refresh the block cache in the background if a turn starting `ahead` seconds from now would have to
+        (called when the user starts and stops speaking, so the turn does not pay for it)."""
         b = self.backend
         max_age = b.options.block_max_age
         if self._retired or max_age is None or self._mode is ConversationMode.AGENT:
             return
+        max_age = max(0.0, max_age - ahead)
         if b.cache.is_fresh(self.agent_id, max_age) or (self._memory_check and not self._memory_check.done()):
             return
         if not self._scope.closed:

@@ -39,7 +39,8 @@ class LettaOptions:
     """Spoken (not added to the chat history) when a turn fails because Letta is down, slow or refusing."""
     block_max_age: float | None = 2.0
     """A turn re-reads the agent's memory blocks first when the cached copy is older than this (one request,
-    ~18 ms; also started early when the user starts speaking); a change triggers a recompile of the conversation.
+    ~18 ms; started early, in the background, when the user starts and when they stop speaking, so a voice turn
+    normally finds it fresh); a change triggers a recompile of the conversation.
     None: only edits this process saw (memory tools in the stream) refresh the cache."""
     cancel_interrupted_runs: bool = True
     """When a reply is cut (the user interrupted, left, or the turn timed out) cancel the Letta run, so the
