@@ -133,3 +133,17 @@ async def test_the_router_owns_the_topic_once_and_gives_it_back() -> None:
         room.register_text_stream_handler(TOPIC_CHAT, lambda *_: None)
     await router.aclose()
     assert TOPIC_CHAT not in room.handlers
+
+
+async def test_a_job_that_does_not_serve_the_room_discards_what_it_held_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    room, got = ChatRoom(), list[tuple[str, str]]()
+    router = make(room, got)  # attached before the job knows whether it owns the room
+    room.send("u", "typed while the job was claiming the room")
+    await asyncio.sleep(0.05)
+    router.discard()  # another job owns the room
+    assert TOPIC_CHAT not in room.handlers
+    await router.aclose()
+    assert got == [] and router.dropped == 0
+    assert "never reached a session" not in caplog.text

@@ -65,6 +65,14 @@ class ChatRouter:
         self._room.register_text_stream_handler(TOPIC_CHAT, self._on_stream)
         self._registered = True
 
+    def discard(self) -> None:
+        """This job will not serve the room (another job owns it): stop taking its typed text and drop what is held,
+        quietly (every agent in the room receives the same messages; the owner's router has them)."""
+        if self._registered:
+            self._room.unregister_text_stream_handler(TOPIC_CHAT)
+            self._registered = False
+        self._pending.clear()
+
     async def aclose(self) -> None:
         if self._registered:
             self._room.unregister_text_stream_handler(TOPIC_CHAT)
@@ -107,6 +115,8 @@ class ChatRouter:
 
     async def _read(self, reader: rtc.TextStreamReader, identity: str) -> None:
         text = await reader.read_all()
+        if not self._registered:  # discarded (or closed) while the message was being read
+            return
         item = _Pending(text=text, info=reader.info, received=time.monotonic())
         session = self._targets.get(identity)
         if session is not None and await self._deliver(identity, session, item):
