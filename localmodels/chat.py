@@ -447,7 +447,8 @@ def is_english(text: str) -> bool:
     ws = [w if w in _ENGLISH_WORDS else w.split("'")[-1] for w in _words(text)]  # l'alma -> alma; i'm stays
     if len(ws) <= 3:
         return True
-    return sum(w in _ENGLISH_WORDS for w in ws) > sum(w in _OTHER_WORDS for w in ws)  # so at least one English word
+    english = sum(w in _ENGLISH_WORDS for w in ws)
+    return english > 0 and english > sum(w in _OTHER_WORDS for w in ws)
 
 
 @dataclass

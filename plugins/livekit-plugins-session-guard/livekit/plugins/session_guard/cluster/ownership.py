@@ -306,7 +306,7 @@ class RoomOwnership:
         finally:
             listener.cancel()
             # bounded: redis-py's pub/sub close can swallow a cancellation while its connection is busy
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # Exception: TimeoutError too
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 async with asyncio.timeout(self._opts.store_timeout):
                     await asyncio.shield(listener)
             if not listener.done():
